@@ -1,0 +1,21 @@
+"""Keep session tokens fresh: refresh each one on a timer before it expires."""
+
+from __future__ import annotations
+
+import logging
+
+from ._format import format_duration
+from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._scheduler import Scheduler, SchedulerClosedError
+
+__all__ = [
+    "Scheduler",
+    "SchedulerClosedError",
+    "decode_jwt_expiry",
+    "decode_jwt_payload",
+    "format_duration",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger("token_refresh").addHandler(logging.NullHandler())

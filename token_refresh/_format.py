@@ -1,0 +1,53 @@
+"""Human-readable durations, log-safe token fingerprints and timestamps."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import UTC, datetime
+
+
+def _js_round(value: float) -> int:
+    """Round half up, as JavaScript's ``Math.round`` does (``-2.5`` -> ``-2``)."""
+    whole = math.floor(value)
+    return whole + 1 if value - whole >= 0.5 else whole
+
+
+def format_duration(seconds: float) -> str:
+    """Format a duration as the seed does: ``"45s"``, ``"2m"``, ``"5m 30s"``.
+
+    Under a minute, whole seconds rounded half up (``59.5`` -> ``"60s"``);
+    otherwise whole minutes and the rounded remaining seconds.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"seconds must be finite, not {seconds!r}")
+    milliseconds = seconds * 1000
+    if math.isinf(milliseconds):  # beyond any timer; whole minutes say enough
+        return f"{math.floor(seconds / 60)}m"
+    if milliseconds < 60_000:
+        return f"{_js_round(milliseconds / 1000)}s"
+    minutes = math.floor(milliseconds / 60_000)
+    rest = _js_round(math.fmod(milliseconds, 60_000) / 1000)
+    return f"{minutes}m {rest}s" if rest > 0 else f"{minutes}m"
+
+
+def fingerprint(token: str) -> str:
+    """A short, non-reversible stand-in for a token in logs and events."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def format_seconds(value: float) -> str:
+    """Print a number of seconds as JavaScript would: ``300``, not ``300.0``."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_instant(unix_seconds: float) -> str:
+    """ISO 8601 in UTC with milliseconds, like ``Date.prototype.toISOString``."""
+    try:
+        instant = datetime.fromtimestamp(unix_seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        # Beyond what datetime holds (the seed throws a RangeError here).
+        return f"{format_seconds(unix_seconds)} (Unix seconds)"
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,553 @@
+"""The scheduler: one timer per session, refresh work on a small thread pool."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from types import TracebackType
+from typing import Protocol
+
+from ._format import fingerprint, format_duration, format_instant, format_seconds
+from ._jwt import decode_jwt_expiry
+from .testing import ManualClock
+
+__all__ = ["Scheduler", "SchedulerClosedError"]
+
+_log = logging.getLogger("token_refresh")
+
+#: Seconds before expiry at which a token is refreshed.
+REFRESH_BUFFER = 300.0
+#: Seconds until the follow-up refresh after a successful one.
+FALLBACK_REFRESH_INTERVAL = 1800.0
+#: Seconds until a failed refresh is retried.
+REFRESH_RETRY_DELAY = 60.0
+#: Consecutive failures after which a session's refresh chain gives up.
+MAX_REFRESH_FAILURES = 3
+#: Floor, in seconds, for delays computed from ``expires_in``.
+EXPIRES_IN_FLOOR = 30.0
+
+# threading.Timer raises OverflowError past TIMEOUT_MAX; longer delays are
+# armed in steps of at most this much, so a far-future token never fires early.
+_MAX_TIMER_DELAY = float(threading.TIMEOUT_MAX)
+
+
+class SchedulerClosedError(RuntimeError):
+    """Raised by ``schedule*`` on a scheduler that has been closed."""
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class _Timers(Protocol):
+    """Where timers are armed: real threads, or a ManualClock in tests."""
+
+    def monotonic(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Cancellable: ...
+
+
+class _ThreadTimers:
+    """One daemon ``threading.Timer`` per pending session."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> threading.Timer:
+        timer = threading.Timer(delay, callback)
+        timer.name = self._name
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+class _Pending:
+    """A session's armed timer, bound to the generation that armed it."""
+
+    __slots__ = ("deadline", "due", "generation", "handle")
+    handle: _Cancellable  # set by Scheduler._arm, before the entry is stored
+
+    def __init__(self, generation: int, deadline: float, due: float) -> None:
+        self.generation = generation
+        self.deadline = deadline  # on the timers' monotonic clock
+        self.due = due  # wall time, for people
+
+
+def _seconds(value: object, name: str) -> float:
+    """Validate a duration in seconds (a real number or a timedelta)."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return seconds
+
+
+def _require_str(value: object, name: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+
+
+class Scheduler:
+    """Keeps session tokens fresh by refreshing each one before it expires.
+
+    ``get_access_token()`` is called on a worker thread when a session's
+    refresh falls due; a non-empty ``str`` it returns is delivered with
+    ``on_refresh(session_id, token)``. Every method is thread-safe and may be
+    called from inside either callback. No callback runs while the
+    scheduler's lock is held; ``on_refresh`` calls for one session never
+    overlap and never deliver an older generation after a newer one; once
+    ``cancel``, ``cancel_all`` or ``close`` returns (called from outside a
+    callback), no ``on_refresh`` for the sessions it cancelled runs or starts.
+    """
+
+    def __init__(
+        self,
+        get_access_token: Callable[[], str | None],
+        on_refresh: Callable[[str, str], None],
+        *,
+        label: str = "token_refresh",
+        refresh_buffer: float | timedelta = REFRESH_BUFFER,
+        clock: ManualClock | None = None,
+        retry_delay: float | timedelta = REFRESH_RETRY_DELAY,
+        follow_up_interval: float | timedelta = FALLBACK_REFRESH_INTERVAL,
+        max_workers: int = 4,
+    ) -> None:
+        if not callable(get_access_token):
+            raise TypeError("get_access_token must be callable")
+        if not callable(on_refresh):
+            raise TypeError("on_refresh must be callable")
+        _require_str(label, "label")
+        buffer = _seconds(refresh_buffer, "refresh_buffer")
+        if buffer < 0:
+            raise ValueError(f"refresh_buffer must not be negative, not {buffer!r}")
+        retry = _seconds(retry_delay, "retry_delay")
+        follow_up = _seconds(follow_up_interval, "follow_up_interval")
+        if retry <= 0 or follow_up <= 0:
+            raise ValueError("retry_delay and follow_up_interval must be positive")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
+        if clock is not None and not isinstance(clock, ManualClock):
+            raise TypeError(f"clock must be a ManualClock or None, not {type(clock).__name__}")
+
+        self._get_access_token = get_access_token
+        self._on_refresh = on_refresh
+        self._label = label
+        self._refresh_buffer = buffer
+        self._retry_delay = retry
+        self._follow_up_interval = follow_up
+        self._max_workers = max_workers
+        self._thread_name = f"token-refresh-{label}"
+        self._manual = clock
+        self._wall_time: Callable[[], float] = time.time if clock is None else clock.time
+        self._timer_backend: _Timers = _ThreadTimers(self._thread_name) if clock is None else clock
+
+        self._lock = threading.Lock()
+        # Notified whenever an on_refresh call finishes.
+        self._delivered = threading.Condition(self._lock)
+        self._generation_counter = itertools.count(1)
+        # Generations come from one counter, so a freed session id that comes
+        # back can never match a refresh still in flight from its past.
+        self._generations: dict[str, int] = {}
+        self._timers: dict[str, _Pending] = {}
+        self._failures: dict[str, int] = {}
+        self._delivering: dict[str, int] = {}  # session id -> generation
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._in_callback = threading.local()
+
+    # -- public API ---------------------------------------------------------
+
+    def __repr__(self) -> str:
+        with self._lock:
+            pending, closed = len(self._timers), self._closed
+        return f"Scheduler(label={self._label!r}, pending={pending}, closed={closed})"
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def label(self) -> str:
+        """The label that starts every log line, ``[label:token]``."""
+        return self._label
+
+    @property
+    def refresh_buffer(self) -> float:
+        """Seconds before a token's expiry at which it is refreshed."""
+        return self._refresh_buffer
+
+    def next_refresh_at(self, session_id: str) -> float | None:
+        """Wall time (Unix seconds) when the session's next refresh is due, if a timer is armed."""
+        _require_str(session_id, "session_id")
+        with self._lock:
+            pending = self._timers.get(session_id)
+            return None if pending is None else pending.due
+
+    def schedule(self, session_id: str, token: str) -> None:
+        """Refresh ``session_id`` ``refresh_buffer`` seconds before ``token``'s ``exp``.
+
+        If that moment has passed, the refresh starts at once. A token with no
+        usable ``exp`` (not a JWT, say) leaves the session's existing timer as
+        it is.
+        """
+        _require_str(session_id, "session_id")
+        _require_str(token, "token")
+        expiry = decode_jwt_expiry(token)
+        if not expiry:  # as in the seed, an exp of 0 counts as missing too
+            self._check_open()
+            _log.debug(
+                "[%s:token] Could not decode JWT expiry for sessionId=%s, token %s, "
+                "keeping existing timer",
+                self._label,
+                session_id,
+                fingerprint(token),
+            )
+            return
+        delay = expiry - self._wall_time() - self._refresh_buffer
+        expires = format_instant(expiry)
+        if delay <= 0:
+            generation, executor = self._replace(session_id, None)
+            _log.debug(
+                "[%s:token] Token for sessionId=%s expires=%s (past or within buffer), "
+                "refreshing immediately",
+                self._label,
+                session_id,
+                expires,
+            )
+            self._start_refresh(session_id, generation, executor)
+            return
+        self._replace(session_id, delay)
+        _log.debug(
+            "[%s:token] Scheduled token refresh for sessionId=%s in %s (expires=%s, buffer=%ss)",
+            self._label,
+            session_id,
+            format_duration(delay),
+            expires,
+            format_seconds(self._refresh_buffer),
+        )
+
+    def schedule_from_expires_in(self, session_id: str, expires_in: float | timedelta) -> None:
+        """Refresh ``session_id`` before a token that expires in ``expires_in`` seconds.
+
+        The delay is ``expires_in - refresh_buffer``, but never under 30 seconds.
+        """
+        _require_str(session_id, "session_id")
+        seconds = _seconds(expires_in, "expires_in")
+        delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
+        self._replace(session_id, delay)
+        _log.debug(
+            "[%s:token] Scheduled token refresh for sessionId=%s in %s "
+            "(expires_in=%ss, buffer=%ss)",
+            self._label,
+            session_id,
+            format_duration(delay),
+            format_seconds(seconds),
+            format_seconds(self._refresh_buffer),
+        )
+
+    def cancel(self, session_id: str) -> None:
+        """Stop refreshing ``session_id`` and forget its state.
+
+        A refresh in flight is dropped. Called from outside a callback, this
+        waits for an ``on_refresh`` call already running for the session.
+        """
+        _require_str(session_id, "session_id")
+        with self._lock:
+            self._generations.pop(session_id, None)
+            self._failures.pop(session_id, None)
+            pending = self._timers.pop(session_id, None)
+            if pending is not None:
+                pending.handle.cancel()
+            self._await_deliveries({session_id: self._delivering.get(session_id)})
+
+    def cancel_all(self) -> None:
+        """Cancel every session, as :meth:`cancel` does for one."""
+        with self._lock:
+            self._cancel_everything()
+            self._await_deliveries(dict(self._delivering))
+
+    def close(self) -> None:
+        """Cancel every session and stop the scheduler's threads. Idempotent.
+
+        Called from outside a callback, this waits for refresh work already
+        running to finish, and no thread of the scheduler is left when it
+        returns.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            disarmed = self._cancel_everything()
+            executor, self._executor = self._executor, None
+        inside = self._inside_callback()
+        if executor is not None:
+            executor.shutdown(wait=not inside, cancel_futures=True)
+        if not inside:
+            for timer in disarmed:
+                if isinstance(timer, threading.Thread):
+                    timer.join()
+
+    # -- scheduling (all under the lock) ------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SchedulerClosedError(f"scheduler {self._label!r} is closed")
+
+    def _replace(
+        self, session_id: str, delay: float | None
+    ) -> tuple[int, ThreadPoolExecutor | None]:
+        """Give the session a new generation and a timer, or (delay None) a worker to refresh on."""
+        with self._lock:
+            self._check_open()
+            generation = next(self._generation_counter)
+            pending = None
+            if delay is not None:
+                # Arm the new timer before touching anything: if the OS
+                # refuses a thread, the session keeps the timer it had.
+                pending = _Pending(
+                    generation, self._timer_backend.monotonic() + delay, self._wall_time() + delay
+                )
+                try:
+                    self._arm(session_id, pending)
+                except RuntimeError as error:
+                    raise RuntimeError(
+                        f"cannot arm a refresh timer for session {session_id!r} ({error}); "
+                        "its existing timer is kept"
+                    ) from error
+            old = self._timers.pop(session_id, None)
+            if old is not None:
+                old.handle.cancel()
+            self._generations[session_id] = generation
+            if pending is not None:
+                self._timers[session_id] = pending
+                return generation, None
+            return generation, self._worker_pool()
+
+    def _arm(self, session_id: str, pending: _Pending) -> None:
+        remaining = pending.deadline - self._timer_backend.monotonic()
+        pending.handle = self._timer_backend.call_later(
+            min(remaining, _MAX_TIMER_DELAY), lambda: self._timer_fired(session_id, pending)
+        )
+
+    def _arm_next(self, session_id: str, generation: int, delay: float) -> bool:
+        """Arm a retry or follow-up timer in the current generation; False if refused.
+
+        There is no caller to raise to here, so a refused timer (the OS out of
+        threads) ends the session's chain, and the caller logs it.
+        """
+        pending = _Pending(
+            generation, self._timer_backend.monotonic() + delay, self._wall_time() + delay
+        )
+        try:
+            self._arm(session_id, pending)
+        except RuntimeError:
+            del self._generations[session_id]
+            return False
+        self._timers[session_id] = pending
+        return True
+
+    def _cancel_everything(self) -> list[_Cancellable]:
+        disarmed = [pending.handle for pending in self._timers.values()]
+        for handle in disarmed:
+            handle.cancel()
+        self._timers.clear()
+        self._generations.clear()
+        self._failures.clear()
+        return disarmed
+
+    def _await_deliveries(self, deliveries: dict[str, int | None]) -> None:
+        """Wait (lock held) until the given on_refresh calls have returned."""
+        if self._inside_callback():
+            return  # waiting on ourselves, or on a callback waiting on us, deadlocks
+        while any(
+            generation is not None and self._delivering.get(session_id) == generation
+            for session_id, generation in deliveries.items()
+        ):
+            self._delivered.wait()
+
+    def _inside_callback(self) -> bool:
+        return getattr(self._in_callback, "depth", 0) > 0
+
+    def _call_user(self, callback: Callable[[], object]) -> object:
+        """Run a user callback, marking this thread as inside one (they can nest)."""
+        self._in_callback.depth = getattr(self._in_callback, "depth", 0) + 1
+        try:
+            return callback()
+        finally:
+            self._in_callback.depth -= 1
+
+    def _log_chain_broken(self, session_id: str) -> None:
+        _log.error(
+            "[%s:token] Could not start a timer thread; refresh chain for sessionId=%s stopped",
+            self._label,
+            session_id,
+        )
+
+    # -- refreshing ---------------------------------------------------------
+
+    def _timer_fired(self, session_id: str, pending: _Pending) -> None:
+        with self._lock:
+            if self._timers.get(session_id) is not pending:
+                return  # cancelled or replaced after Timer.cancel() could stop it
+            if pending.deadline > self._timer_backend.monotonic():
+                self._arm(session_id, pending)  # a delay longer than one timer holds
+                return
+            del self._timers[session_id]
+            executor = self._worker_pool()
+        self._start_refresh(session_id, pending.generation, executor)
+
+    def _worker_pool(self) -> ThreadPoolExecutor | None:
+        """The executor (created on first use, lock held); None on a ManualClock."""
+        if self._manual is None and self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._max_workers, thread_name_prefix=self._thread_name
+            )
+        return self._executor
+
+    def _start_refresh(
+        self, session_id: str, generation: int, executor: ThreadPoolExecutor | None
+    ) -> None:
+        """Run the refresh on a worker (or inline on a ManualClock)."""
+        if executor is None:
+            self._refresh(session_id, generation)
+            return
+        try:
+            executor.submit(self._refresh, session_id, generation)
+        except RuntimeError:
+            # close() (or interpreter shutdown) got there first; the session is gone.
+            _log.debug(
+                "[%s:token] Refresh for sessionId=%s dropped: shut down", self._label, session_id
+            )
+
+    def _refresh(self, session_id: str, generation: int) -> None:
+        token = self._fetch(session_id)
+        if self._manual is not None:
+            # The seed awaits get_access_token: the rest runs as a microtask.
+            self._manual.run_soon(lambda: self._complete(session_id, generation, token))
+        else:
+            self._complete(session_id, generation, token)
+
+    def _fetch(self, session_id: str) -> str | None:
+        try:
+            token = self._call_user(self._get_access_token)
+        except Exception as error:
+            _log.error(
+                "[%s:token] get_access_token raised %s for sessionId=%s",
+                self._label,
+                type(error).__name__,
+                session_id,
+            )
+            return None
+        if token is None or isinstance(token, str):
+            return token or None
+        _log.error(
+            "[%s:token] get_access_token returned %s, not a str or None, for sessionId=%s",
+            self._label,
+            type(token).__name__,
+            session_id,
+        )
+        return None
+
+    def _complete(self, session_id: str, generation: int, token: str | None) -> None:
+        with self._lock:
+            # Wait out an earlier generation's on_refresh, so deliveries for one
+            # session never overlap; then drop this one if it went stale meanwhile.
+            while (current := self._generations.get(session_id)) == generation and (
+                session_id in self._delivering
+            ):
+                self._delivered.wait()
+            if current != generation:
+                outcome = "stale"
+            elif token is None:
+                failures = self._failures.get(session_id, 0) + 1
+                self._failures[session_id] = failures
+                if failures >= MAX_REFRESH_FAILURES:
+                    del self._generations[session_id]  # the chain ends here
+                    outcome = "failed"
+                elif self._arm_next(session_id, generation, self._retry_delay):
+                    outcome = "failed"
+                else:
+                    outcome = "broken"
+            else:
+                self._failures.pop(session_id, None)
+                self._delivering[session_id] = generation
+                outcome = "deliver"
+        if outcome == "stale":
+            _log.debug(
+                "[%s:token] Refresh for sessionId=%s stale (gen %s vs %s), skipping",
+                self._label,
+                session_id,
+                generation,
+                current,
+            )
+        elif outcome != "deliver":
+            _log.error(
+                "[%s:token] No access token available for refresh, sessionId=%s (failure %s/%s)",
+                self._label,
+                session_id,
+                failures,
+                MAX_REFRESH_FAILURES,
+            )
+            if outcome == "broken":
+                self._log_chain_broken(session_id)
+        else:
+            assert token is not None
+            self._deliver(session_id, generation, token)
+
+    def _deliver(self, session_id: str, generation: int, token: str) -> None:
+        _log.debug(
+            "[%s:token] Refreshing token for sessionId=%s: new token %s",
+            self._label,
+            session_id,
+            fingerprint(token),
+        )
+        try:
+            self._call_user(lambda: self._on_refresh(session_id, token))
+        except Exception as error:
+            _log.error(
+                "[%s:token] on_refresh raised %s for sessionId=%s",
+                self._label,
+                type(error).__name__,
+                session_id,
+            )
+        finally:
+            with self._lock:
+                del self._delivering[session_id]
+                self._delivered.notify_all()
+                # A schedule() from inside on_refresh bumped the generation: its
+                # timer supersedes the follow-up, so none is armed (no orphan).
+                current = self._generations.get(session_id) == generation
+                armed = current and self._arm_next(session_id, generation, self._follow_up_interval)
+        if current and not armed:
+            self._log_chain_broken(session_id)
+        elif armed:
+            _log.debug(
+                "[%s:token] Scheduled follow-up refresh for sessionId=%s in %s",
+                self._label,
+                session_id,
+                format_duration(self._follow_up_interval),
+            )
