@@ -26,8 +26,9 @@ def expiring_in(seconds: float) -> str:
     return make_jwt({"exp": time.time() + seconds})
 
 
-def our_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("token-refresh-")]
+def our_threads(label: str = "") -> list[threading.Thread]:
+    """Threads of schedulers whose label starts with ``label`` (all of them by default)."""
+    return [t for t in threading.enumerate() if t.name.startswith(f"token-refresh-{label}")]
 
 
 def wait_for(event: threading.Event, what: str) -> None:
@@ -91,7 +92,9 @@ class TestRealTimers:
             gate()
             return "t"
 
-        sched = Scheduler(get_access_token, lambda s, t: finished.set(), refresh_buffer=0)
+        sched = Scheduler(
+            get_access_token, lambda s, t: finished.set(), refresh_buffer=0, label="inflight"
+        )
         sched.schedule("s1", expiring_in(-1))
         wait_for(gate.entered, "the fetch to start")
         closer = ReraisingThread(sched.close, name="closer")
@@ -99,7 +102,7 @@ class TestRealTimers:
         assert not finished.is_set()
         gate.release.set()
         closer.join()
-        assert our_threads() == []
+        assert our_threads("inflight") == []
 
     def test_close_is_idempotent_and_schedule_after_close_raises(self) -> None:
         """close() twice is fine; schedule*() afterwards raises SchedulerClosedError."""
@@ -170,12 +173,12 @@ class TestCancelGuarantee:
             sched.cancel_all()
             done.set()
 
-        sched = Scheduler(lambda: "t", on_refresh, refresh_buffer=0)
+        sched = Scheduler(lambda: "t", on_refresh, refresh_buffer=0, label="self-cancel")
         sched.schedule_from_expires_in("other", 3600)
         sched.schedule("s1", expiring_in(-1))
         wait_for(done, "on_refresh to finish")
         sched.close()
-        assert our_threads() == []
+        assert our_threads("self-cancel") == []
 
     def test_close_from_inside_on_refresh_does_not_deadlock(self) -> None:
         """close() from a callback returns without waiting for itself."""
@@ -269,7 +272,7 @@ class TestStress:
             with state:
                 active[session_id] -= 1
 
-        sched = Scheduler(lambda: "t", on_refresh, refresh_buffer=0, max_workers=4)
+        sched = Scheduler(lambda: "t", on_refresh, refresh_buffer=0, max_workers=4, label="hammer")
         stop = time.monotonic() + 3.0
 
         def hammer(worker: int) -> Callable[[], None]:
@@ -300,7 +303,7 @@ class TestStress:
         sched.close()
         assert violations == []
         assert deliveries > 100, "the stress test should exercise many deliveries"
-        assert our_threads() == []
+        assert our_threads("hammer") == []
 
 
 class TestProcessExit:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 
+from . import events
 from ._format import format_duration
 from ._jwt import decode_jwt_expiry, decode_jwt_payload
-from ._scheduler import Scheduler, SchedulerClosedError
+from ._scheduler import Scheduler, SchedulerClosedError, Stats
 
 __all__ = [
     "Scheduler",
     "SchedulerClosedError",
+    "Stats",
     "decode_jwt_expiry",
     "decode_jwt_payload",
+    "events",
     "format_duration",
 ]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _js_round(value: float) -> int:
@@ -21,7 +23,11 @@ def format_duration(seconds: float) -> str:
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
-    if not math.isfinite(seconds):
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise ValueError(f"seconds must be finite, not {seconds!r}")
     milliseconds = seconds * 1000
     if math.isinf(milliseconds):  # beyond any timer; whole minutes say enough
@@ -44,10 +50,16 @@ def format_seconds(value: float) -> str:
 
 
 def format_instant(unix_seconds: float) -> str:
-    """ISO 8601 in UTC with milliseconds, like ``Date.prototype.toISOString``."""
+    """ISO 8601 in UTC with milliseconds, like ``Date.prototype.toISOString``.
+
+    Fractions of a millisecond are cut toward zero, as ``Date`` does.
+    """
     try:
-        instant = datetime.fromtimestamp(unix_seconds, tz=UTC)
-    except (OverflowError, OSError, ValueError):
+        milliseconds = math.trunc(unix_seconds * 1000)
+        instant = _EPOCH + timedelta(milliseconds=milliseconds)
+    except (OverflowError, ValueError):
         # Beyond what datetime holds (the seed throws a RangeError here).
         return f"{format_seconds(unix_seconds)} (Unix seconds)"
-    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        f"{instant.replace(tzinfo=None).isoformat(timespec='seconds')}.{milliseconds % 1000:03d}Z"
+    )

@@ -20,6 +20,15 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
+def _parse_int(text: str) -> int | float:
+    # Python refuses int literals over 4300 digits; JSON.parse reads them as
+    # doubles (Infinity when out of range), which float() does too.
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _decode_base64url(segment: str) -> bytes:
     """Decode like Node's ``Buffer.from(segment, "base64url")``: never raises."""
     low_bytes = segment.encode("utf-16-le", "surrogatepass")[0::2]
@@ -45,7 +54,7 @@ def decode_jwt_payload(token: str) -> object | None:
         return None
     text = _decode_base64url(parts[1]).decode("utf-8", errors="replace")
     try:
-        payload: object = json.loads(text, parse_constant=_refuse_constant)
+        payload: object = json.loads(text, parse_constant=_refuse_constant, parse_int=_parse_int)
     except (ValueError, RecursionError):
         return None
     return payload

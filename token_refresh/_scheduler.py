@@ -5,19 +5,23 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
+from . import events
 from ._format import fingerprint, format_duration, format_instant, format_seconds
 from ._jwt import decode_jwt_expiry
 from .testing import ManualClock
 
-__all__ = ["Scheduler", "SchedulerClosedError"]
+__all__ = ["Scheduler", "SchedulerClosedError", "Stats"]
 
 _log = logging.getLogger("token_refresh")
 
@@ -36,9 +40,23 @@ EXPIRES_IN_FLOOR = 30.0
 # armed in steps of at most this much, so a far-future token never fires early.
 _MAX_TIMER_DELAY = float(threading.TIMEOUT_MAX)
 
+# Live schedulers, for the at-fork hook below.
+_live_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
 
 class SchedulerClosedError(RuntimeError):
     """Raised by ``schedule*`` on a scheduler that has been closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of a scheduler's state and lifetime counters, for metrics."""
+
+    sessions: int  #: sessions with a live refresh chain
+    pending: int  #: sessions with a timer armed
+    refreshes: int  #: tokens delivered to on_refresh
+    failures: int  #: refresh attempts that got no token
+    give_ups: int  #: refresh chains that ended after failing
 
 
 class _Cancellable(Protocol):
@@ -58,6 +76,9 @@ class _ThreadTimers:
 
     def __init__(self, name: str) -> None:
         self._name = name
+        # Every timer thread not yet garbage: cancelled ones linger for a moment,
+        # and close() must wait for them too.
+        self.threads: weakref.WeakSet[threading.Timer] = weakref.WeakSet()
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -67,19 +88,24 @@ class _ThreadTimers:
         timer.name = self._name
         timer.daemon = True
         timer.start()
+        self.threads.add(timer)
         return timer
 
 
 class _Pending:
     """A session's armed timer, bound to the generation that armed it."""
 
-    __slots__ = ("deadline", "due", "generation", "handle")
+    __slots__ = ("deadline", "due", "generation", "handle", "reason")
     handle: _Cancellable  # set by Scheduler._arm, before the entry is stored
 
-    def __init__(self, generation: int, deadline: float, due: float) -> None:
+    def __init__(self, generation: int, deadline: float, due: float, reason: _Reason) -> None:
         self.generation = generation
         self.deadline = deadline  # on the timers' monotonic clock
         self.due = due  # wall time, for people
+        self.reason = reason
+
+
+_Reason = Literal["exp", "expires_in", "retry", "follow_up"]
 
 
 def _seconds(value: object, name: str) -> float:
@@ -113,6 +139,9 @@ class Scheduler:
     overlap and never deliver an older generation after a newer one; once
     ``cancel``, ``cancel_all`` or ``close`` returns (called from outside a
     callback), no ``on_refresh`` for the sessions it cancelled runs or starts.
+
+    In a child process after ``fork()``, the scheduler starts empty: the
+    parent keeps refreshing the sessions it had.
     """
 
     def __init__(
@@ -123,6 +152,7 @@ class Scheduler:
         label: str = "token_refresh",
         refresh_buffer: float | timedelta = REFRESH_BUFFER,
         clock: ManualClock | None = None,
+        on_event: Callable[[events.Event], None] | None = None,
         retry_delay: float | timedelta = REFRESH_RETRY_DELAY,
         follow_up_interval: float | timedelta = FALLBACK_REFRESH_INTERVAL,
         max_workers: int = 4,
@@ -131,6 +161,8 @@ class Scheduler:
             raise TypeError("get_access_token must be callable")
         if not callable(on_refresh):
             raise TypeError("on_refresh must be callable")
+        if on_event is not None and not callable(on_event):
+            raise TypeError("on_event must be callable or None")
         _require_str(label, "label")
         buffer = _seconds(refresh_buffer, "refresh_buffer")
         if buffer < 0:
@@ -148,6 +180,7 @@ class Scheduler:
 
         self._get_access_token = get_access_token
         self._on_refresh = on_refresh
+        self._on_event = on_event
         self._label = label
         self._refresh_buffer = buffer
         self._retry_delay = retry
@@ -156,12 +189,23 @@ class Scheduler:
         self._thread_name = f"token-refresh-{label}"
         self._manual = clock
         self._wall_time: Callable[[], float] = time.time if clock is None else clock.time
-        self._timer_backend: _Timers = _ThreadTimers(self._thread_name) if clock is None else clock
+        self._generation_counter = itertools.count(1)
+        self._closed = False
+        self._reset_state()
+        _live_schedulers.add(self)
 
+    def _reset_state(self) -> None:
+        """Fresh lock, maps and threads: at construction, and in a forked child."""
+        self._pid = os.getpid()
+        self._thread_timers: _ThreadTimers | None = None
+        self._timer_backend: _Timers
+        if self._manual is None:
+            self._thread_timers = self._timer_backend = _ThreadTimers(self._thread_name)
+        else:
+            self._timer_backend = self._manual
         self._lock = threading.Lock()
         # Notified whenever an on_refresh call finishes.
         self._delivered = threading.Condition(self._lock)
-        self._generation_counter = itertools.count(1)
         # Generations come from one counter, so a freed session id that comes
         # back can never match a refresh still in flight from its past.
         self._generations: dict[str, int] = {}
@@ -169,15 +213,16 @@ class Scheduler:
         self._failures: dict[str, int] = {}
         self._delivering: dict[str, int] = {}  # session id -> generation
         self._executor: ThreadPoolExecutor | None = None
-        self._closed = False
+        self._stopping: list[threading.Thread] = []  # what close() waits for
         self._in_callback = threading.local()
+        self._refreshes = self._failed_attempts = self._give_ups = 0
 
     # -- public API ---------------------------------------------------------
 
     def __repr__(self) -> str:
-        with self._lock:
-            pending, closed = len(self._timers), self._closed
-        return f"Scheduler(label={self._label!r}, pending={pending}, closed={closed})"
+        return (
+            f"Scheduler(label={self._label!r}, pending={len(self._timers)}, closed={self._closed})"
+        )
 
     def __enter__(self) -> Scheduler:
         return self
@@ -201,11 +246,56 @@ class Scheduler:
         return self._refresh_buffer
 
     def next_refresh_at(self, session_id: str) -> float | None:
-        """Wall time (Unix seconds) when the session's next refresh is due, if a timer is armed."""
+        """Wall time (Unix seconds) the session's next refresh is due; None if no timer."""
         _require_str(session_id, "session_id")
+        self.after_fork()
         with self._lock:
             pending = self._timers.get(session_id)
             return None if pending is None else pending.due
+
+    def sessions(self) -> frozenset[str]:
+        """The sessions with a live refresh chain: a timer armed or a refresh running."""
+        self.after_fork()
+        with self._lock:
+            return frozenset(self._generations)
+
+    def stats(self) -> Stats:
+        """Current sizes and lifetime counters, for a metrics exporter."""
+        self.after_fork()
+        with self._lock:
+            return Stats(
+                sessions=len(self._generations),
+                pending=len(self._timers),
+                refreshes=self._refreshes,
+                failures=self._failed_attempts,
+                give_ups=self._give_ups,
+            )
+
+    def after_fork(self) -> None:
+        """Make the scheduler usable in a forked child; a no-op in the process that made it.
+
+        Runs by itself after ``os.fork()`` and at every call in a new process,
+        so calling it from gunicorn's ``post_fork`` or uWSGI's ``@postfork``
+        is optional but harmless. The child drops the sessions it inherited
+        (the parent keeps refreshing them) and logs one WARNING saying how many.
+        """
+        if self._pid == os.getpid():
+            return
+        with _fork_lock:
+            if self._pid == os.getpid():
+                return  # another thread of this child got here first
+            dropped = len(self._generations.keys() | self._timers.keys())
+            # The parent's lock may be held by a thread that does not exist
+            # here, its timers never fire and its executor never runs work.
+            self._reset_state()
+        if dropped:
+            _log.warning(
+                "[%s:token] Forked: %d session(s) scheduled in the parent process are not "
+                "refreshed in this one (pid %d); schedule this process's own sessions",
+                self._label,
+                dropped,
+                self._pid,
+            )
 
     def schedule(self, session_id: str, token: str) -> None:
         """Refresh ``session_id`` ``refresh_buffer`` seconds before ``token``'s ``exp``.
@@ -216,6 +306,7 @@ class Scheduler:
         """
         _require_str(session_id, "session_id")
         _require_str(token, "token")
+        self.after_fork()
         expiry = decode_jwt_expiry(token)
         if not expiry:  # as in the seed, an exp of 0 counts as missing too
             self._check_open()
@@ -226,29 +317,33 @@ class Scheduler:
                 session_id,
                 fingerprint(token),
             )
+            self._emit(events.TimerKept, session_id, token_fingerprint=fingerprint(token))
             return
         delay = expiry - self._wall_time() - self._refresh_buffer
         expires = format_instant(expiry)
-        if delay <= 0:
-            generation, executor = self._replace(session_id, None)
+        if delay > 0:
+            due = self._replace(session_id, delay, "exp")
             _log.debug(
-                "[%s:token] Token for sessionId=%s expires=%s (past or within buffer), "
-                "refreshing immediately",
+                "[%s:token] Scheduled token refresh for sessionId=%s in %s "
+                "(expires=%s, buffer=%ss)",
                 self._label,
                 session_id,
+                format_duration(delay),
                 expires,
+                format_seconds(self._refresh_buffer),
             )
-            self._start_refresh(session_id, generation, executor)
+            self._emit(events.Scheduled, session_id, due=due, delay=delay, reason="exp")
             return
-        self._replace(session_id, delay)
+        generation, executor = self._replace_for_immediate_refresh(session_id)
         _log.debug(
-            "[%s:token] Scheduled token refresh for sessionId=%s in %s (expires=%s, buffer=%ss)",
+            "[%s:token] Token for sessionId=%s expires=%s (past or within buffer), "
+            "refreshing immediately",
             self._label,
             session_id,
-            format_duration(delay),
             expires,
-            format_seconds(self._refresh_buffer),
         )
+        self._emit(events.Scheduled, session_id, due=self._wall_time(), delay=0.0, reason="exp")
+        self._start_refresh(session_id, generation, executor)
 
     def schedule_from_expires_in(self, session_id: str, expires_in: float | timedelta) -> None:
         """Refresh ``session_id`` before a token that expires in ``expires_in`` seconds.
@@ -257,8 +352,9 @@ class Scheduler:
         """
         _require_str(session_id, "session_id")
         seconds = _seconds(expires_in, "expires_in")
+        self.after_fork()
         delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
-        self._replace(session_id, delay)
+        due = self._replace(session_id, delay, "expires_in")
         _log.debug(
             "[%s:token] Scheduled token refresh for sessionId=%s in %s "
             "(expires_in=%ss, buffer=%ss)",
@@ -268,6 +364,7 @@ class Scheduler:
             format_seconds(seconds),
             format_seconds(self._refresh_buffer),
         )
+        self._emit(events.Scheduled, session_id, due=due, delay=delay, reason="expires_in")
 
     def cancel(self, session_id: str) -> None:
         """Stop refreshing ``session_id`` and forget its state.
@@ -276,40 +373,63 @@ class Scheduler:
         waits for an ``on_refresh`` call already running for the session.
         """
         _require_str(session_id, "session_id")
+        self.after_fork()
         with self._lock:
-            self._generations.pop(session_id, None)
+            live = self._generations.pop(session_id, None) is not None
             self._failures.pop(session_id, None)
             pending = self._timers.pop(session_id, None)
             if pending is not None:
                 pending.handle.cancel()
             self._await_deliveries({session_id: self._delivering.get(session_id)})
+        if live:
+            self._emit(events.Cancelled, session_id)
 
     def cancel_all(self) -> None:
         """Cancel every session, as :meth:`cancel` does for one."""
+        self.after_fork()
         with self._lock:
-            self._cancel_everything()
+            cancelled = self._cancel_everything()
             self._await_deliveries(dict(self._delivering))
+        for session_id in cancelled:
+            self._emit(events.Cancelled, session_id)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
         """Cancel every session and stop the scheduler's threads. Idempotent.
 
-        Called from outside a callback, this waits for refresh work already
-        running to finish, and no thread of the scheduler is left when it
-        returns.
+        Waits up to ``timeout`` seconds (None: as long as it takes) for refresh
+        work already running, and for the scheduler's threads to end. Returns
+        True if nothing of the scheduler is left running. Called from inside a
+        callback, it does not wait (the caller is part of that work) and
+        returns False.
         """
+        limit = None if timeout is None else _seconds(timeout, "timeout")
+        self.after_fork()
         with self._lock:
-            if self._closed:
-                return
+            cancelled = [] if self._closed else self._cancel_everything()
             self._closed = True
-            disarmed = self._cancel_everything()
             executor, self._executor = self._executor, None
-        inside = self._inside_callback()
-        if executor is not None:
-            executor.shutdown(wait=not inside, cancel_futures=True)
-        if not inside:
-            for timer in disarmed:
-                if isinstance(timer, threading.Thread):
-                    timer.join()
+            if executor is not None:
+                # Queued refreshes are cancelled now; a thread waits out the running
+                # ones, so that close() can wait with a timeout (or not at all).
+                executor.shutdown(wait=False, cancel_futures=True)
+                stopper = threading.Thread(
+                    target=executor.shutdown, name=f"{self._thread_name}-close", daemon=True
+                )
+                stopper.start()
+                self._stopping.append(stopper)
+            stopping = list(self._stopping)
+            if self._thread_timers is not None:
+                stopping += self._thread_timers.threads
+        for session_id in cancelled:
+            self._emit(events.Cancelled, session_id)
+        if self._inside_callback():
+            return False
+        deadline = None if limit is None else time.monotonic() + max(0.0, limit)
+        for thread in stopping:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._stopping = [thread for thread in self._stopping if thread.is_alive()]
+        return not any(thread.is_alive() for thread in stopping)
 
     # -- scheduling (all under the lock) ------------------------------------
 
@@ -317,35 +437,39 @@ class Scheduler:
         if self._closed:
             raise SchedulerClosedError(f"scheduler {self._label!r} is closed")
 
-    def _replace(
-        self, session_id: str, delay: float | None
+    def _replace(self, session_id: str, delay: float, reason: _Reason) -> float:
+        """Give the session a new generation and timer; return when it is due."""
+        with self._lock:
+            self._check_open()
+            pending = self._pending(next(self._generation_counter), delay, reason)
+            try:
+                # Arm the new timer before touching anything: if the OS
+                # refuses a thread, the session keeps the timer it had.
+                self._arm(session_id, pending)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"cannot arm a refresh timer for session {session_id!r} ({error}); "
+                    "its existing timer is kept"
+                ) from error
+            self._drop_timer(session_id)
+            self._generations[session_id] = pending.generation
+            self._timers[session_id] = pending
+            return pending.due
+
+    def _replace_for_immediate_refresh(
+        self, session_id: str
     ) -> tuple[int, ThreadPoolExecutor | None]:
-        """Give the session a new generation and a timer, or (delay None) a worker to refresh on."""
+        """Give the session a new generation and no timer; return a worker to refresh on."""
         with self._lock:
             self._check_open()
             generation = next(self._generation_counter)
-            pending = None
-            if delay is not None:
-                # Arm the new timer before touching anything: if the OS
-                # refuses a thread, the session keeps the timer it had.
-                pending = _Pending(
-                    generation, self._timer_backend.monotonic() + delay, self._wall_time() + delay
-                )
-                try:
-                    self._arm(session_id, pending)
-                except RuntimeError as error:
-                    raise RuntimeError(
-                        f"cannot arm a refresh timer for session {session_id!r} ({error}); "
-                        "its existing timer is kept"
-                    ) from error
-            old = self._timers.pop(session_id, None)
-            if old is not None:
-                old.handle.cancel()
+            self._drop_timer(session_id)
             self._generations[session_id] = generation
-            if pending is not None:
-                self._timers[session_id] = pending
-                return generation, None
             return generation, self._worker_pool()
+
+    def _pending(self, generation: int, delay: float, reason: _Reason) -> _Pending:
+        deadline = self._timer_backend.monotonic() + delay
+        return _Pending(generation, deadline, self._wall_time() + delay, reason)
 
     def _arm(self, session_id: str, pending: _Pending) -> None:
         remaining = pending.deadline - self._timer_backend.monotonic()
@@ -353,31 +477,38 @@ class Scheduler:
             min(remaining, _MAX_TIMER_DELAY), lambda: self._timer_fired(session_id, pending)
         )
 
-    def _arm_next(self, session_id: str, generation: int, delay: float) -> bool:
-        """Arm a retry or follow-up timer in the current generation; False if refused.
+    def _arm_next(
+        self, session_id: str, generation: int, delay: float, reason: _Reason
+    ) -> _Pending | None:
+        """Arm a retry or follow-up timer in the current generation; None if refused.
 
         There is no caller to raise to here, so a refused timer (the OS out of
-        threads) ends the session's chain, and the caller logs it.
+        threads) ends the session's chain, and the caller reports it.
         """
-        pending = _Pending(
-            generation, self._timer_backend.monotonic() + delay, self._wall_time() + delay
-        )
+        pending = self._pending(generation, delay, reason)
         try:
             self._arm(session_id, pending)
         except RuntimeError:
             del self._generations[session_id]
-            return False
+            self._give_ups += 1
+            return None
         self._timers[session_id] = pending
-        return True
+        return pending
 
-    def _cancel_everything(self) -> list[_Cancellable]:
-        disarmed = [pending.handle for pending in self._timers.values()]
-        for handle in disarmed:
-            handle.cancel()
+    def _drop_timer(self, session_id: str) -> None:
+        pending = self._timers.pop(session_id, None)
+        if pending is not None:
+            pending.handle.cancel()
+
+    def _cancel_everything(self) -> list[str]:
+        """Cancel every session; return the ones that had a live chain."""
+        cancelled = list(self._generations)
+        for pending in self._timers.values():
+            pending.handle.cancel()
         self._timers.clear()
         self._generations.clear()
         self._failures.clear()
-        return disarmed
+        return cancelled
 
     def _await_deliveries(self, deliveries: dict[str, int | None]) -> None:
         """Wait (lock held) until the given on_refresh calls have returned."""
@@ -400,11 +531,37 @@ class Scheduler:
         finally:
             self._in_callback.depth -= 1
 
-    def _log_chain_broken(self, session_id: str) -> None:
+    def _emit(self, kind: type[events.Event], session_id: str, **fields: Any) -> None:
+        """Build and send one event to on_event, if there is one (lock not held)."""
+        if self._on_event is None:
+            return
+        event = kind(session_id=session_id, label=self._label, time=self._wall_time(), **fields)
+        on_event = self._on_event
+        try:
+            self._call_user(lambda: on_event(event))
+        except Exception as error:
+            _log.error("[%s:token] on_event raised %s", self._label, type(error).__name__)
+
+    def _report_chain_broken(self, session_id: str) -> None:
         _log.error(
             "[%s:token] Could not start a timer thread; refresh chain for sessionId=%s stopped",
             self._label,
             session_id,
+        )
+        self._emit(events.GaveUp, session_id, failures=0)
+
+    def _report_scheduled(self, session_id: str, pending: _Pending) -> None:
+        """Report the retry or follow-up timer a refresh just armed."""
+        delay = self._retry_delay if pending.reason == "retry" else self._follow_up_interval
+        if pending.reason == "follow_up":
+            _log.debug(
+                "[%s:token] Scheduled follow-up refresh for sessionId=%s in %s",
+                self._label,
+                session_id,
+                format_duration(delay),
+            )
+        self._emit(
+            events.Scheduled, session_id, due=pending.due, delay=delay, reason=pending.reason
         )
 
     # -- refreshing ---------------------------------------------------------
@@ -432,9 +589,12 @@ class Scheduler:
         self, session_id: str, generation: int, executor: ThreadPoolExecutor | None
     ) -> None:
         """Run the refresh on a worker (or inline on a ManualClock)."""
-        if executor is None:
-            self._refresh(session_id, generation)
+        if self._manual is not None:
+            # get_access_token runs at once, as the seed calls it before its
+            # first await; what the refresh queues runs after it returns.
+            self._manual.run_now(lambda: self._refresh(session_id, generation))
             return
+        assert executor is not None
         try:
             executor.submit(self._refresh, session_id, generation)
         except RuntimeError:
@@ -444,35 +604,41 @@ class Scheduler:
             )
 
     def _refresh(self, session_id: str, generation: int) -> None:
-        token = self._fetch(session_id)
+        self._emit(events.RefreshStarted, session_id)
+        token, error_type = self._fetch(session_id)
         if self._manual is not None:
             # The seed awaits get_access_token: the rest runs as a microtask.
-            self._manual.run_soon(lambda: self._complete(session_id, generation, token))
+            self._manual.run_soon(lambda: self._complete(session_id, generation, token, error_type))
         else:
-            self._complete(session_id, generation, token)
+            self._complete(session_id, generation, token, error_type)
 
-    def _fetch(self, session_id: str) -> str | None:
+    def _fetch(self, session_id: str) -> tuple[str | None, str | None]:
+        """Call get_access_token; return the token (None if none) and any error's type."""
         try:
             token = self._call_user(self._get_access_token)
         except Exception as error:
+            # By type only: an exception's message may quote a token.
             _log.error(
                 "[%s:token] get_access_token raised %s for sessionId=%s",
                 self._label,
                 type(error).__name__,
                 session_id,
             )
-            return None
+            return None, type(error).__name__
         if token is None or isinstance(token, str):
-            return token or None
+            return token or None, None
         _log.error(
             "[%s:token] get_access_token returned %s, not a str or None, for sessionId=%s",
             self._label,
             type(token).__name__,
             session_id,
         )
-        return None
+        return None, type(token).__name__
 
-    def _complete(self, session_id: str, generation: int, token: str | None) -> None:
+    def _complete(
+        self, session_id: str, generation: int, token: str | None, error_type: str | None
+    ) -> None:
+        retry: _Pending | None = None
         with self._lock:
             # Wait out an earlier generation's on_refresh, so deliveries for one
             # session never overlap; then drop this one if it went stale meanwhile.
@@ -485,16 +651,18 @@ class Scheduler:
             elif token is None:
                 failures = self._failures.get(session_id, 0) + 1
                 self._failures[session_id] = failures
+                self._failed_attempts += 1
                 if failures >= MAX_REFRESH_FAILURES:
                     del self._generations[session_id]  # the chain ends here
-                    outcome = "failed"
-                elif self._arm_next(session_id, generation, self._retry_delay):
-                    outcome = "failed"
+                    self._give_ups += 1
+                    outcome = "gave up"
                 else:
-                    outcome = "broken"
+                    retry = self._arm_next(session_id, generation, self._retry_delay, "retry")
+                    outcome = "broken" if retry is None else "retry"
             else:
                 self._failures.pop(session_id, None)
                 self._delivering[session_id] = generation
+                self._refreshes += 1
                 outcome = "deliver"
         if outcome == "stale":
             _log.debug(
@@ -504,19 +672,37 @@ class Scheduler:
                 generation,
                 current,
             )
-        elif outcome != "deliver":
+            self._emit(events.StaleDropped, session_id)
+            return
+        if token is not None:
+            self._deliver(session_id, generation, token)
+            return
+        _log.error(
+            "[%s:token] No access token available for refresh, sessionId=%s (failure %s/%s)",
+            self._label,
+            session_id,
+            failures,
+            MAX_REFRESH_FAILURES,
+        )
+        self._emit(
+            events.RefreshFailed,
+            session_id,
+            attempt=failures,
+            max_attempts=MAX_REFRESH_FAILURES,
+            error_type=error_type,
+        )
+        if retry is not None:
+            self._report_scheduled(session_id, retry)
+        elif outcome == "broken":
+            self._report_chain_broken(session_id)
+        else:
             _log.error(
-                "[%s:token] No access token available for refresh, sessionId=%s (failure %s/%s)",
+                "[%s:token] Giving up on sessionId=%s after %s consecutive failures",
                 self._label,
                 session_id,
                 failures,
-                MAX_REFRESH_FAILURES,
             )
-            if outcome == "broken":
-                self._log_chain_broken(session_id)
-        else:
-            assert token is not None
-            self._deliver(session_id, generation, token)
+            self._emit(events.GaveUp, session_id, failures=failures)
 
     def _deliver(self, session_id: str, generation: int, token: str) -> None:
         _log.debug(
@@ -525,6 +711,7 @@ class Scheduler:
             session_id,
             fingerprint(token),
         )
+        self._emit(events.Refreshed, session_id, token_fingerprint=fingerprint(token))
         try:
             self._call_user(lambda: self._on_refresh(session_id, token))
         except Exception as error:
@@ -534,6 +721,7 @@ class Scheduler:
                 type(error).__name__,
                 session_id,
             )
+            self._emit(events.CallbackError, session_id, error_type=type(error).__name__)
         finally:
             with self._lock:
                 del self._delivering[session_id]
@@ -541,13 +729,23 @@ class Scheduler:
                 # A schedule() from inside on_refresh bumped the generation: its
                 # timer supersedes the follow-up, so none is armed (no orphan).
                 current = self._generations.get(session_id) == generation
-                armed = current and self._arm_next(session_id, generation, self._follow_up_interval)
-        if current and not armed:
-            self._log_chain_broken(session_id)
-        elif armed:
-            _log.debug(
-                "[%s:token] Scheduled follow-up refresh for sessionId=%s in %s",
-                self._label,
-                session_id,
-                format_duration(self._follow_up_interval),
-            )
+                follow_up = (
+                    self._arm_next(session_id, generation, self._follow_up_interval, "follow_up")
+                    if current
+                    else None
+                )
+        if follow_up is not None:
+            self._report_scheduled(session_id, follow_up)
+        elif current:
+            self._report_chain_broken(session_id)
+
+
+def _after_fork_in_child() -> None:  # pragma: no cover - runs in children (TestFork)
+    global _fork_lock
+    _fork_lock = threading.Lock()
+    for scheduler in list(_live_schedulers):
+        scheduler.after_fork()
+
+
+_fork_lock = threading.Lock()
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -80,6 +80,13 @@ class ManualClock:
         if not self._running:
             self._run(None)
 
+    def run_now(self, work: Callable[[], None]) -> None:
+        """Run ``work`` at once; what it passes to :meth:`run_soon` waits until it returns."""
+        if self._running:
+            work()
+        else:
+            self._run(work)
+
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds``, running whatever falls due on the way."""
         seconds = _finite(seconds, "seconds")
@@ -113,7 +120,7 @@ class ManualClock:
 
 
 def _nothing() -> None:
-    pass
+    """Stands in for a cancelled timer's callback."""
 
 
 def _finite(value: float, name: str) -> float:
