@@ -97,3 +97,13 @@ class ReraisingThread(threading.Thread):
             raise AssertionError(f"{self.name} did not finish within {timeout}s")
         if self.error is not None:
             raise self.error
+
+
+@pytest.fixture(params=["thread", "heap"])
+def timer_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per real timer backend, as the default for every Scheduler it makes."""
+    defaults = Scheduler.__init__.__kwdefaults__
+    assert defaults is not None
+    assert "timers" in defaults
+    monkeypatch.setitem(defaults, "timers", request.param)
+    return str(request.param)

@@ -15,6 +15,8 @@ from token_refresh.testing import ManualClock
 
 from conftest import START, Recorder, ReraisingThread, make_jwt
 
+pytestmark = pytest.mark.usefixtures("timer_backend")
+
 
 class EventLog:
     """An on_event that records each event as (type name, session, clock offset, fields)."""

@@ -17,7 +17,11 @@ from token_refresh import Scheduler, SchedulerClosedError
 
 from conftest import ReraisingThread, make_jwt
 
-pytestmark = [pytest.mark.realclock, pytest.mark.timeout(30)]
+pytestmark = [
+    pytest.mark.realclock,
+    pytest.mark.timeout(30),
+    pytest.mark.usefixtures("timer_backend"),
+]
 
 WAIT = 10.0  # generous bound for a handshake; a passing test never waits this long
 
@@ -63,13 +67,14 @@ class TestRealTimers:
         assert seen[0][:2] == ("s1", "fresh")
         assert seen[0][2].startswith("token-refresh-rt")
 
-    def test_timer_threads_are_named_daemons(self) -> None:
-        """Each pending session has one daemon timer thread named after the label."""
+    def test_timer_threads_are_named_daemons(self, timer_backend: str) -> None:
+        """Timers run on daemon threads named after the label: one per session, or one in all."""
         with Scheduler(lambda: "t", lambda s, t: None, label="named") as sched:
-            sched.schedule_from_expires_in("a", 3600)
-            sched.schedule_from_expires_in("b", 3600)
+            assert our_threads("named") == []  # nothing until there is something to time
+            for n in range(3):
+                sched.schedule_from_expires_in(f"s{n}", 3600)
             timers = [t for t in our_threads() if t.name == "token-refresh-named"]
-            assert len(timers) == 2
+            assert len(timers) == {"thread": 3, "heap": 1}[timer_backend]
             assert all(t.daemon for t in timers)
 
     def test_close_leaves_no_thread(self) -> None:

@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import threading
 import time
 import weakref
@@ -14,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from . import events
 from ._format import fingerprint, format_duration, format_instant, format_seconds
 from ._jwt import decode_jwt_expiry
+from ._timers import Cancellable, HeapTimers, ThreadTimers, Timers
 from .testing import ManualClock
 
 __all__ = ["Scheduler", "SchedulerClosedError", "Stats"]
@@ -59,53 +61,27 @@ class Stats:
     give_ups: int  #: refresh chains that ended after failing
 
 
-class _Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-class _Timers(Protocol):
-    """Where timers are armed: real threads, or a ManualClock in tests."""
-
-    def monotonic(self) -> float: ...
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Cancellable: ...
-
-
-class _ThreadTimers:
-    """One daemon ``threading.Timer`` per pending session."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        # Every timer thread not yet garbage: cancelled ones linger for a moment,
-        # and close() must wait for them too.
-        self.threads: weakref.WeakSet[threading.Timer] = weakref.WeakSet()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> threading.Timer:
-        timer = threading.Timer(delay, callback)
-        timer.name = self._name
-        timer.daemon = True
-        timer.start()
-        self.threads.add(timer)
-        return timer
-
-
 class _Pending:
     """A session's armed timer, bound to the generation that armed it."""
 
-    __slots__ = ("deadline", "due", "generation", "handle", "reason")
-    handle: _Cancellable  # set by Scheduler._arm, before the entry is stored
+    __slots__ = ("deadline", "delay", "due", "generation", "handle", "reason")
+    handle: Cancellable  # set by Scheduler._arm, before the entry is stored
 
-    def __init__(self, generation: int, deadline: float, due: float, reason: _Reason) -> None:
+    def __init__(
+        self, generation: int, delay: float, deadline: float, due: float, reason: _Reason
+    ) -> None:
         self.generation = generation
+        self.delay = delay
         self.deadline = deadline  # on the timers' monotonic clock
         self.due = due  # wall time, for people
         self.reason = reason
 
 
 _Reason = Literal["exp", "expires_in", "retry", "follow_up"]
+_TIMER_BACKENDS: dict[str, type[ThreadTimers] | type[HeapTimers]] = {
+    "thread": ThreadTimers,
+    "heap": HeapTimers,
+}
 
 
 def _seconds(value: object, name: str) -> float:
@@ -156,6 +132,9 @@ class Scheduler:
         retry_delay: float | timedelta = REFRESH_RETRY_DELAY,
         follow_up_interval: float | timedelta = FALLBACK_REFRESH_INTERVAL,
         max_workers: int = 4,
+        timers: Literal["thread", "heap"] = "thread",
+        jitter: float | timedelta = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         if not callable(get_access_token):
             raise TypeError("get_access_token must be callable")
@@ -177,6 +156,13 @@ class Scheduler:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
         if clock is not None and not isinstance(clock, ManualClock):
             raise TypeError(f"clock must be a ManualClock or None, not {type(clock).__name__}")
+        if timers not in _TIMER_BACKENDS:
+            raise ValueError(f"timers must be 'thread' or 'heap', not {timers!r}")
+        spread = _seconds(jitter, "jitter")
+        if spread < 0:
+            raise ValueError(f"jitter must not be negative, not {spread!r}")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random or None, not {type(rng).__name__}")
 
         self._get_access_token = get_access_token
         self._on_refresh = on_refresh
@@ -186,6 +172,9 @@ class Scheduler:
         self._retry_delay = retry
         self._follow_up_interval = follow_up
         self._max_workers = max_workers
+        self._timer_kind = _TIMER_BACKENDS[timers]
+        self._jitter = spread
+        self._rng = rng if rng is not None else random.Random()
         self._thread_name = f"token-refresh-{label}"
         self._manual = clock
         self._wall_time: Callable[[], float] = time.time if clock is None else clock.time
@@ -197,10 +186,10 @@ class Scheduler:
     def _reset_state(self) -> None:
         """Fresh lock, maps and threads: at construction, and in a forked child."""
         self._pid = os.getpid()
-        self._thread_timers: _ThreadTimers | None = None
-        self._timer_backend: _Timers
+        self._thread_timers: ThreadTimers | HeapTimers | None = None
+        self._timer_backend: Timers
         if self._manual is None:
-            self._thread_timers = self._timer_backend = _ThreadTimers(self._thread_name)
+            self._thread_timers = self._timer_backend = self._timer_kind(self._thread_name)
         else:
             self._timer_backend = self._manual
         self._lock = threading.Lock()
@@ -322,17 +311,17 @@ class Scheduler:
         delay = expiry - self._wall_time() - self._refresh_buffer
         expires = format_instant(expiry)
         if delay > 0:
-            due = self._replace(session_id, delay, "exp")
+            pending = self._replace(session_id, delay, "exp")
             _log.debug(
                 "[%s:token] Scheduled token refresh for sessionId=%s in %s "
                 "(expires=%s, buffer=%ss)",
                 self._label,
                 session_id,
-                format_duration(delay),
+                format_duration(pending.delay),
                 expires,
                 format_seconds(self._refresh_buffer),
             )
-            self._emit(events.Scheduled, session_id, due=due, delay=delay, reason="exp")
+            self._emit_scheduled(session_id, pending)
             return
         generation, executor = self._replace_for_immediate_refresh(session_id)
         _log.debug(
@@ -354,17 +343,17 @@ class Scheduler:
         seconds = _seconds(expires_in, "expires_in")
         self.after_fork()
         delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
-        due = self._replace(session_id, delay, "expires_in")
+        pending = self._replace(session_id, delay, "expires_in")
         _log.debug(
             "[%s:token] Scheduled token refresh for sessionId=%s in %s "
             "(expires_in=%ss, buffer=%ss)",
             self._label,
             session_id,
-            format_duration(delay),
+            format_duration(pending.delay),
             format_seconds(seconds),
             format_seconds(self._refresh_buffer),
         )
-        self._emit(events.Scheduled, session_id, due=due, delay=delay, reason="expires_in")
+        self._emit_scheduled(session_id, pending)
 
     def cancel(self, session_id: str) -> None:
         """Stop refreshing ``session_id`` and forget its state.
@@ -419,7 +408,7 @@ class Scheduler:
                 self._stopping.append(stopper)
             stopping = list(self._stopping)
             if self._thread_timers is not None:
-                stopping += self._thread_timers.threads
+                stopping += self._thread_timers.stop()
         for session_id in cancelled:
             self._emit(events.Cancelled, session_id)
         if self._inside_callback():
@@ -437,8 +426,8 @@ class Scheduler:
         if self._closed:
             raise SchedulerClosedError(f"scheduler {self._label!r} is closed")
 
-    def _replace(self, session_id: str, delay: float, reason: _Reason) -> float:
-        """Give the session a new generation and timer; return when it is due."""
+    def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
+        """Give the session a new generation and timer; return the timer."""
         with self._lock:
             self._check_open()
             pending = self._pending(next(self._generation_counter), delay, reason)
@@ -454,7 +443,7 @@ class Scheduler:
             self._drop_timer(session_id)
             self._generations[session_id] = pending.generation
             self._timers[session_id] = pending
-            return pending.due
+            return pending
 
     def _replace_for_immediate_refresh(
         self, session_id: str
@@ -468,8 +457,12 @@ class Scheduler:
             return generation, self._worker_pool()
 
     def _pending(self, generation: int, delay: float, reason: _Reason) -> _Pending:
+        if self._jitter:
+            # Earlier, never later, and by at most half the delay, so a short
+            # delay cannot collapse into a tight loop.
+            delay -= self._rng.uniform(0.0, min(self._jitter, delay / 2))
         deadline = self._timer_backend.monotonic() + delay
-        return _Pending(generation, deadline, self._wall_time() + delay, reason)
+        return _Pending(generation, delay, deadline, self._wall_time() + delay, reason)
 
     def _arm(self, session_id: str, pending: _Pending) -> None:
         remaining = pending.deadline - self._timer_backend.monotonic()
@@ -550,19 +543,25 @@ class Scheduler:
         )
         self._emit(events.GaveUp, session_id, failures=0)
 
+    def _emit_scheduled(self, session_id: str, pending: _Pending) -> None:
+        self._emit(
+            events.Scheduled,
+            session_id,
+            due=pending.due,
+            delay=pending.delay,
+            reason=pending.reason,
+        )
+
     def _report_scheduled(self, session_id: str, pending: _Pending) -> None:
         """Report the retry or follow-up timer a refresh just armed."""
-        delay = self._retry_delay if pending.reason == "retry" else self._follow_up_interval
         if pending.reason == "follow_up":
             _log.debug(
                 "[%s:token] Scheduled follow-up refresh for sessionId=%s in %s",
                 self._label,
                 session_id,
-                format_duration(delay),
+                format_duration(pending.delay),
             )
-        self._emit(
-            events.Scheduled, session_id, due=pending.due, delay=delay, reason=pending.reason
-        )
+        self._emit_scheduled(session_id, pending)
 
     # -- refreshing ---------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""The timer backends on their own, and jitter."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from token_refresh import Scheduler
+from token_refresh._timers import HeapTimers
+from token_refresh.testing import ManualClock
+
+from conftest import START, Recorder, make_jwt
+
+WAIT = 10.0
+
+
+@pytest.mark.realclock
+@pytest.mark.timeout(30)
+class TestHeapTimers:
+    def test_fires_in_deadline_order(self) -> None:
+        """Timers armed out of order fire in deadline order, on one thread."""
+        timers = HeapTimers("token-refresh-heap-test")
+        fired: list[tuple[str, str]] = []
+        done = threading.Event()
+
+        def record(name: str) -> None:
+            fired.append((name, threading.current_thread().name))
+            if len(fired) == 3:
+                done.set()
+
+        timers.call_later(0.06, lambda: record("third"))
+        timers.call_later(0.02, lambda: record("first"))
+        timers.call_later(0.04, lambda: record("second"))
+        assert done.wait(WAIT)
+        assert [name for name, _ in fired] == ["first", "second", "third"]
+        assert {thread for _, thread in fired} == {"token-refresh-heap-test"}
+        for thread in timers.stop():
+            thread.join(WAIT)
+            assert not thread.is_alive()
+
+    def test_cancelled_timers_never_fire_and_are_compacted(self) -> None:
+        """Cancelled timers are skipped, and a heap mostly of cancelled ones is rebuilt."""
+        timers = HeapTimers("token-refresh-heap-test")
+        fired = threading.Event()
+        handles = [timers.call_later(0.01, fired.set) for _ in range(200)]
+        for handle in handles:
+            handle.cancel()
+            handle.cancel()  # twice is harmless
+        assert len(timers._heap) < 200  # rebuilt once more than half was dead
+        sentinel = threading.Event()
+        timers.call_later(0.05, sentinel.set)
+        assert sentinel.wait(WAIT)
+        assert not fired.is_set()
+        timers.stop()
+
+    def test_a_failing_callback_does_not_stop_the_thread(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An exception from a callback is logged and later timers still fire."""
+        timers = HeapTimers("token-refresh-heap-test")
+        later = threading.Event()
+
+        def broken() -> None:
+            raise RuntimeError("bug")
+
+        timers.call_later(0.0, broken)
+        timers.call_later(0.02, later.set)
+        assert later.wait(WAIT)
+        assert "timer callback failed" in caplog.text
+        timers.stop()
+
+    def test_stop_before_any_timer_has_no_thread(self) -> None:
+        """The thread starts with the first timer, so stopping an unused backend joins nothing."""
+        assert HeapTimers("token-refresh-heap-test").stop() == []
+
+    def test_hundred_thousand_sessions_on_a_few_threads(self) -> None:
+        """100,000 pending sessions are held by the heap backend with at most 4 threads."""
+        before = threading.active_count()
+        sched = Scheduler(lambda: "t", lambda s, t: None, timers="heap", label="many")
+        for n in range(100_000):
+            sched.schedule_from_expires_in(f"s{n}", 3600)
+        assert sched.stats().pending == 100_000
+        assert threading.active_count() - before <= 4
+        started = time.monotonic()
+        assert sched.close(timeout=10)
+        assert time.monotonic() - started < 5
+
+
+class TestTimerBackendOption:
+    def test_unknown_backend_is_refused(self) -> None:
+        """timers= takes "thread" or "heap"."""
+        with pytest.raises(ValueError, match="timers must be 'thread' or 'heap'"):
+            Scheduler(lambda: "t", lambda s, t: None, timers="wheel")  # type: ignore[arg-type]
+
+    @pytest.mark.realclock
+    @pytest.mark.timeout(30)
+    def test_refused_thread_keeps_the_old_timer(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """When the OS refuses the heap thread, schedule() raises and nothing is armed."""
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        sched = Scheduler(lambda: "t", lambda s, t: None, timers="heap")
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="cannot arm a refresh timer for session 's1'"):
+                sched.schedule_from_expires_in("s1", 3600)
+        assert sched.next_refresh_at("s1") is None
+        sched.schedule_from_expires_in("s1", 3600)
+        assert sched.next_refresh_at("s1") is not None
+        assert sched.close(timeout=10)
+
+
+class TestJitter:
+    def test_off_by_default(self, scheduler: Scheduler, clock: ManualClock) -> None:
+        """Without jitter, the seed's timings are exact."""
+        scheduler.schedule_from_expires_in("s1", 3600)
+        assert scheduler.next_refresh_at("s1") == START + 3300
+
+    def test_moves_refreshes_earlier_never_later(
+        self, clock: ManualClock, recorder: Recorder
+    ) -> None:
+        """Each refresh lands up to jitter seconds early, spread out, never late."""
+        sched = Scheduler(
+            recorder.get_access_token,
+            recorder.on_refresh,
+            clock=clock,
+            jitter=timedelta(minutes=2),
+            rng=random.Random(7),
+        )
+        for n in range(200):
+            sched.schedule(f"s{n}", make_jwt({"exp": START + 3600}))
+        due = [sched.next_refresh_at(f"s{n}") for n in range(200)]
+        offsets = [START + 3300 - d for d in due if d is not None]
+        assert len(offsets) == 200
+        assert all(0 <= offset <= 120 for offset in offsets)
+        assert len({round(offset) for offset in offsets}) > 60  # spread over the window
+        clock.advance(3300)
+        assert len(recorder.gets) == 200
+        follow_ups = [sched.next_refresh_at(f"s{n}") for n in range(200)]
+        assert len({f for f in follow_ups if f is not None}) > 100  # follow-ups jittered too
+
+    def test_is_deterministic_with_a_seeded_rng(self, clock: ManualClock) -> None:
+        """The same seed gives the same schedule."""
+
+        def schedule_with(seed: int) -> float | None:
+            sched = Scheduler(
+                lambda: "t", lambda s, t: None, clock=clock, jitter=60, rng=random.Random(seed)
+            )
+            sched.schedule_from_expires_in("s1", 3600)
+            return sched.next_refresh_at("s1")
+
+        assert schedule_with(1) == schedule_with(1)
+        assert schedule_with(1) != schedule_with(2)
+
+    def test_never_more_than_half_the_delay(self, clock: ManualClock) -> None:
+        """A jitter larger than the delay moves a refresh by at most half of it."""
+        sched = Scheduler(lambda: "t", lambda s, t: None, clock=clock, jitter=3600)
+        for n in range(100):
+            sched.schedule_from_expires_in(f"s{n}", 0)  # the 30-second floor
+            due = sched.next_refresh_at(f"s{n}")
+            assert due is not None
+            assert START + 15 <= due <= START + 30
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "match"),
+        [
+            ({"jitter": -1}, ValueError, "jitter must not be negative"),
+            ({"jitter": "1m"}, TypeError, "jitter must be a number"),
+            ({"rng": 42}, TypeError, "rng must be a random.Random"),
+        ],
+    )
+    def test_bad_options(
+        self, kwargs: dict[str, object], error: type[Exception], match: str
+    ) -> None:
+        """Bad jitter options are refused at construction."""
+        with pytest.raises(error, match=match):
+            Scheduler(lambda: "t", lambda s, t: None, **kwargs)  # type: ignore[arg-type]
