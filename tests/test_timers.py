@@ -180,3 +180,36 @@ class TestJitter:
         """Bad jitter options are refused at construction."""
         with pytest.raises(error, match=match):
             Scheduler(lambda: "t", lambda s, t: None, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.realclock
+@pytest.mark.timeout(120)
+class TestMemory:
+    @pytest.mark.parametrize(("timers", "cycles"), [("heap", 100_000), ("thread", 10_000)])
+    def test_flat_over_schedule_cancel_cycles(self, timers: str, cycles: int) -> None:
+        """Distinct session ids scheduled and cancelled leave no memory behind."""
+        import gc
+        import tracemalloc
+
+        sched = Scheduler(lambda: "t", lambda s, t: None, timers=timers)  # type: ignore[arg-type]
+
+        def churn(prefix: str, count: int) -> None:
+            for n in range(count):
+                session = f"{prefix}-{n}"
+                sched.schedule_from_expires_in(session, 3600)
+                sched.cancel(session)
+
+        churn("warm-up", 2_000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            churn("measured", cycles)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        assert grown < 64 * 1024, f"grew {grown} bytes over {cycles} cycles"
+        assert sched.stats().sessions == 0
+        assert sched.close(timeout=30)
