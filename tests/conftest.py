@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import os
+import queue
+import re
+import shutil
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,3 +115,146 @@ def timer_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     assert "timers" in defaults
     monkeypatch.setitem(defaults, "timers", request.param)
     return str(request.param)
+
+
+# -- The real OAuth2 server: oauth2-mock-server under Node (test_e2e.py, test_cli.py) ----------
+#
+# tests/e2e/server.mjs runs it on 127.0.0.1 with short-lived tokens and faults on demand. It
+# needs Node.js 20.19+ and `npm ci --prefix tests/e2e`; without them its tests skip, except
+# under CI=true, where they fail. pytest does not run npm itself: installing is a setup step,
+# like `pip install ".[test]"`, and a test run should not reach for a registry.
+
+E2E_DIR = Path(__file__).parent / "e2e"
+NODE_MINIMUM = (20, 19)
+
+
+@functools.cache
+def mock_server_unavailable() -> str | None:
+    """Why the mock OAuth2 server cannot run here, or None if it can."""
+    node = shutil.which("node")
+    if node is None:
+        return "node is not on PATH: the end-to-end tests need Node.js 20.19 or newer"
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < NODE_MINIMUM:
+        return f"node {version or '(unknown version)'} is too old: oauth2-mock-server needs 20.19+"
+    if not (E2E_DIR / "node_modules" / "oauth2-mock-server").is_dir():
+        return "tests/e2e/node_modules is missing: run `npm ci --prefix tests/e2e`"
+    return None
+
+
+def require_mock_server() -> None:
+    """Skip the calling test if the mock server cannot run; under CI=true, fail it."""
+    reason = mock_server_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the end-to-end tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+class MockOAuthServer:
+    """oauth2-mock-server in a Node process on 127.0.0.1: short-lived tokens, faults on demand."""
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self.port = 0  # 0 until started: the OS picks; a restart keeps the port
+        self.output: list[str] = []  # every line it printed, for failure messages
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.issuer}/token"
+
+    def start(self) -> None:
+        """Start the server (on the same port as before, after a stop) and wait until it listens."""
+        assert self._process is None, "already running"
+        self._process = subprocess.Popen(
+            ["node", "server.mjs", "--port", str(self.port), "--lifetime", str(self.lifetime)],
+            cwd=E2E_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._lines = queue.Queue()
+        self._reader = threading.Thread(
+            target=self._read, args=(self._process, self._lines), name="mock-oauth-output"
+        )
+        self._reader.start()
+        self.port = int(self._expect("listening ").rpartition(":")[2])
+
+    def command(self, line: str) -> None:
+        """Send one command to server.mjs and wait until it is in effect."""
+        assert self._process is not None, "not running"
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write(f"{line}\n")
+        stdin.flush()
+        self._expect(f"ok {line}")
+
+    def fail(self, count: int, fault: str) -> None:
+        """Answer the next ``count`` token requests with ``http500`` or ``invalid_grant``."""
+        self.command(f"fail {count} {fault}")
+
+    def stop(self) -> None:
+        """Stop the server process: terminate, wait, kill if it lingers. Idempotent."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        assert self._reader is not None
+        self._reader.join(timeout=5)  # it ends at the end of the output
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    @staticmethod
+    def _read(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    def _expect(self, prefix: str, timeout: float = 20.0) -> str:
+        """The next line starting with ``prefix``; an AssertionError if it does not come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"mock OAuth2 server: no {prefix!r} line within {timeout}s: {self.output}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"mock OAuth2 server exited: {self.output}")
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+            if line.startswith("error "):
+                raise AssertionError(f"mock OAuth2 server refused a command: {line}")
+
+
+@pytest.fixture
+def oauth_server() -> Iterator[MockOAuthServer]:
+    """A running mock OAuth2 server whose tokens live 3 seconds; stopped afterwards."""
+    require_mock_server()
+    server = MockOAuthServer(lifetime=3)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -87,13 +87,25 @@ class HeapTimers:
         entry = _HeapEntry(self, callback)
         deadline = time.monotonic() + delay
         with self._wakeup:
+            thread = None
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                thread.start()  # may raise: then nothing was armed
-                self._thread = thread
+                thread = self._thread = threading.Thread(
+                    target=self._run, name=self._name, daemon=True
+                )
             heapq.heappush(self._heap, (deadline, next(self._sequence), entry))
             if self._heap[0][2] is entry:
                 self._wakeup.notify()  # the new timer is due before the one being waited for
+        if thread is not None:
+            # Started outside the lock, so it is parked in wait() at once: a thread
+            # still starting when uWSGI forks (without Python's fork hooks) was
+            # seen to leave the child waiting for the GIL for ever.
+            try:
+                thread.start()
+            except RuntimeError:
+                with self._wakeup:
+                    self._thread = None
+                entry.cancel()
+                raise
         return entry
 
     def _cancel(self, entry: _HeapEntry) -> None:

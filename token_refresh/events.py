@@ -91,7 +91,7 @@ class StaleDropped(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancelled(Event):
-    """The session was cancelled by cancel(), cancel_all(), close() or a fork."""
+    """The session was cancelled by cancel(), cancel_all() or close()."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

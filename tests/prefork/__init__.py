@@ -1,0 +1,1 @@
+"""A Flask app and server settings for tests/test_prefork.py (real gunicorn and uWSGI)."""

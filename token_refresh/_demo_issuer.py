@@ -1,0 +1,162 @@
+"""``token-refresh demo --issuer URL``: keep one session fresh against a real OAuth2 server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from . import _scheduler, events
+from ._demo import Story
+from ._format import fingerprint, format_duration, format_seconds
+from ._jwt import decode_jwt_expiry
+from ._oauth import TokenRequestError, discover_token_endpoint, fetch_token
+from ._scheduler import MAX_REFRESH_FAILURES, Scheduler
+
+SESSION = "demo"
+WATCH = 3.0  # seconds: each token is refreshed this long after it was issued, at most
+RETRY_DELAY = 1.0
+SLACK = 10.0  # seconds added to the deadline for the whole story
+
+
+class TokenSource:
+    """get_access_token() for the scheduler: the client_credentials grant."""
+
+    def __init__(self, token_url: str, client_id: str, client_secret: str | None) -> None:
+        self.token_url, self.client_id, self.client_secret = token_url, client_id, client_secret
+        self.expires_in: float | None = None  # the last one the server sent
+        self.last_error = ""
+        self.failures = 0
+
+    def get_access_token(self) -> str:
+        try:
+            token, expires_in = fetch_token(
+                self.token_url, client_id=self.client_id, client_secret=self.client_secret
+            )
+        except TokenRequestError as error:
+            self.failures += 1
+            self.last_error = str(error)  # for the story: it never quotes a token
+            raise
+        self.expires_in = expires_in or self.expires_in
+        return token
+
+    def expiry(self, token: str) -> float:
+        """When ``token`` expires (Unix seconds): its exp, else from the last expires_in."""
+        exp = decode_jwt_expiry(token)
+        if exp:
+            return float(exp)
+        if self.expires_in is None:
+            raise TokenRequestError("the token is no JWT with an exp, and came with no expires_in")
+        return time.time() + self.expires_in
+
+
+@dataclass
+class Held:
+    """The session's current token, and how it is doing."""
+
+    token: str = field(repr=False)  # token material stays out of reprs
+    expires: float
+    refreshes: int = 0
+
+
+def run_issuer_demo(
+    out: TextIO, issuer: str, *, client_id: str, client_secret: str | None, refreshes: int = 3
+) -> int:
+    """Tell the story on ``out``; return 0 if the session was kept fresh, else 1.
+
+    Raises TokenRequestError (an OSError) if the issuer cannot be used at all.
+    """
+    story = Story(out)
+    story.say(f"token_refresh demo against {issuer}: keep one session's token fresh.", stamp=False)
+    source = TokenSource(discover_token_endpoint(issuer), client_id, client_secret)
+    first = source.get_access_token()
+    held = Held(first, source.expiry(first))
+    lifetime = held.expires - time.time()
+    if lifetime <= 0:
+        raise TokenRequestError("the server's token has already expired (are the clocks apart?)")
+    jwt = bool(decode_jwt_expiry(first))
+    refresh_after = min(WATCH, lifetime / 2)
+    cycle = refresh_after if jwt else max(refresh_after, _scheduler.EXPIRES_IN_FLOOR)
+    how = (
+        "schedule(session, token) reads each token's exp"
+        if jwt
+        else "the tokens are no JWTs, so schedule_from_expires_in(session, expires_in), "
+        f"which waits {format_seconds(_scheduler.EXPIRES_IN_FLOOR)}s at least"
+    )
+    story.say(
+        f"Token endpoint {source.token_url}, grant client_credentials, client {client_id!r}.\n"
+        f"Its tokens live {_duration(source.expires_in or lifetime)}. So you can watch, "
+        f"refresh_buffer="
+        f"{format_seconds(round(lifetime - refresh_after, 1))}s: a token is refreshed "
+        f"{_duration(cycle)} after it is issued;\n"
+        f"{how}. {refreshes} refreshes, then the session ends.\n",
+        stamp=False,
+    )
+    done = threading.Event()
+
+    def schedule(token: str) -> str:
+        if jwt:
+            scheduler.schedule(SESSION, token)
+        else:
+            scheduler.schedule_from_expires_in(SESSION, source.expiry(token) - time.time())
+        due = scheduler.next_refresh_at(SESSION)
+        return "now" if due is None else f"at {story.at(due)}"
+
+    def on_refresh(session_id: str, token: str) -> None:
+        held.token, held.expires, held.refreshes = token, source.expiry(token), held.refreshes + 1
+        news = (
+            f"refreshed ({held.refreshes} of {refreshes}): token {fingerprint(token)}, "
+            f"expires {story.at(held.expires)}"
+        )
+        if held.refreshes < refreshes:
+            story.say(f"{news}; next refresh {schedule(token)}")
+            return
+        scheduler.cancel(session_id)  # allowed inside a callback
+        story.say(f"{news}; session over: cancel()")
+        done.set()
+
+    def on_event(event: events.Event) -> None:
+        if isinstance(event, events.RefreshFailed):
+            retry = event.attempt < event.max_attempts
+            story.say(
+                f"refresh failed ({event.attempt} of {event.max_attempts}): {source.last_error}"
+                + (f"; retry in {format_seconds(RETRY_DELAY)}s" if retry else "")
+            )
+        elif isinstance(event, events.GaveUp):
+            story.say(f"gave up after {event.failures} failures in a row")
+            done.set()
+
+    scheduler = Scheduler(
+        source.get_access_token,
+        on_refresh,
+        label="demo",
+        refresh_buffer=lifetime - refresh_after,
+        retry_delay=RETRY_DELAY,
+        follow_up_interval=cycle,
+        on_event=on_event,
+    )
+    with scheduler:
+        story.say(f"got token {fingerprint(first)}, expires {story.at(held.expires)}")
+        story.say(
+            f"{'schedule' if jwt else 'schedule_from_expires_in'}(): refresh {schedule(first)}"
+        )
+        in_time = done.wait(refreshes * (cycle + MAX_REFRESH_FAILURES * RETRY_DELAY) + SLACK)
+        story.say("close() the scheduler: it cancels what is left and stops its threads")
+    left = held.expires - time.time()
+    state = f"fresh for {left:.1f}s more" if left > 0 else "EXPIRED"
+    story.say(
+        f"\nSummary: {held.refreshes} refreshes, {source.failures} failed attempts; "
+        f"holds token {fingerprint(held.token)}, {state}.",
+        stamp=False,
+    )
+    if in_time and held.refreshes == refreshes and left > 0:
+        story.say("The session was kept fresh; the scheduler is closed.", stamp=False)
+        return 0
+    story.say("FAILED: the session was not kept fresh. --verbose shows the log.", stamp=False)
+    return 1
+
+
+def _duration(seconds: float) -> str:
+    """``"0.5s"``, ``"3s"``, ``"60m"``: tenths show under a minute."""
+    return format_duration(seconds) if seconds >= 60 else f"{seconds:.2g}s"
