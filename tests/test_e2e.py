@@ -22,7 +22,11 @@ from token_refresh._oauth import TokenRequestError, discover_token_endpoint, fet
 
 from conftest import MockOAuthServer
 
-pytestmark = [pytest.mark.realclock, pytest.mark.timeout(40)]
+pytestmark = [
+    pytest.mark.realclock,
+    pytest.mark.timeout(40),
+    pytest.mark.usefixtures("timer_backend"),
+]
 
 BUFFER = 1.5  # seconds before exp that a refresh is due: each cycle takes 0.5 to 1.5 s
 RETRY = 0.3  # seconds between attempts after a failure
