@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import pytest
 
-from token_refresh import Scheduler, SchedulerClosedError
+from token_refresh import Scheduler, SchedulerClosedError, events
 
 from conftest import ReraisingThread, make_jwt
 
@@ -381,3 +381,43 @@ class TestShutdownRaces:
         with Scheduler(lambda: "t", lambda s, t: None, label="billing") as sched:
             assert sched.label == "billing"
             assert repr(sched) == "Scheduler(label='billing', pending=0, closed=False)"
+
+
+class TestRefusedThreads:
+    """The thread backend starts retry and follow-up timers outside its lock."""
+
+    @pytest.mark.parametrize("cancelled_meanwhile", [False, True])
+    def test_refused_follow_up_thread_ends_the_chain_loudly(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        timer_backend: str,
+        cancelled_meanwhile: bool,
+    ) -> None:
+        """A follow-up whose thread the OS refuses ends the chain loudly, unless cancelled."""
+        if timer_backend != "thread":
+            pytest.skip("only the thread backend starts a thread per timer")
+        given_up = threading.Event()
+        seen: list[str] = []
+        sched: Scheduler
+
+        def on_event(event: events.Event) -> None:
+            seen.append(type(event).__name__)
+            if isinstance(event, events.GaveUp):
+                given_up.set()
+
+        def refuse(timer: threading.Timer) -> None:
+            if cancelled_meanwhile:
+                sched.cancel("s1")
+            raise RuntimeError("can't start new thread")
+
+        sched = Scheduler(lambda: "t", lambda s, t: None, refresh_buffer=0, on_event=on_event)
+        monkeypatch.setattr(threading.Timer, "start", refuse)
+        sched.schedule("s1", expiring_in(-1))  # refreshed at once: no timer until the follow-up
+        assert sched.close(timeout=WAIT)
+        if cancelled_meanwhile:
+            assert "GaveUp" not in seen
+        else:
+            assert given_up.is_set()
+            assert "refresh chain for sessionId=s1 stopped" in caplog.text
+        assert sched.sessions() == frozenset()

@@ -29,6 +29,10 @@ def _parse_int(text: str) -> int | float:
         return float(text)
 
 
+# One decoder for every call: json.loads(..., parse_int=...) builds a new one each time.
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int)
+
+
 def _decode_base64url(segment: str) -> bytes:
     """Decode like Node's ``Buffer.from(segment, "base64url")``: never raises."""
     low_bytes = segment.encode("utf-16-le", "surrogatepass")[0::2]
@@ -54,7 +58,7 @@ def decode_jwt_payload(token: str) -> object | None:
         return None
     text = _decode_base64url(parts[1]).decode("utf-8", errors="replace")
     try:
-        payload: object = json.loads(text, parse_constant=_refuse_constant, parse_int=_parse_int)
+        payload: object = _JSON.decode(text)
     except (ValueError, RecursionError):
         return None
     return payload

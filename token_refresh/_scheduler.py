@@ -309,18 +309,18 @@ class Scheduler:
             self._emit(events.TimerKept, session_id, token_fingerprint=fingerprint(token))
             return
         delay = expiry - self._wall_time() - self._refresh_buffer
-        expires = format_instant(expiry)
         if delay > 0:
             pending = self._replace(session_id, delay, "exp")
-            _log.debug(
-                "[%s:token] Scheduled token refresh for sessionId=%s in %s "
-                "(expires=%s, buffer=%ss)",
-                self._label,
-                session_id,
-                format_duration(pending.delay),
-                expires,
-                format_seconds(self._refresh_buffer),
-            )
+            if _log.isEnabledFor(logging.DEBUG):  # formatting costs as much as scheduling
+                _log.debug(
+                    "[%s:token] Scheduled token refresh for sessionId=%s in %s "
+                    "(expires=%s, buffer=%ss)",
+                    self._label,
+                    session_id,
+                    format_duration(pending.delay),
+                    format_instant(expiry),
+                    format_seconds(self._refresh_buffer),
+                )
             self._emit_scheduled(session_id, pending)
             return
         generation, executor = self._replace_for_immediate_refresh(session_id)
@@ -329,7 +329,7 @@ class Scheduler:
             "refreshing immediately",
             self._label,
             session_id,
-            expires,
+            format_instant(expiry),
         )
         self._emit(events.Scheduled, session_id, due=self._wall_time(), delay=0.0, reason="exp")
         self._start_refresh(session_id, generation, executor)
@@ -344,15 +344,16 @@ class Scheduler:
         self.after_fork()
         delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
         pending = self._replace(session_id, delay, "expires_in")
-        _log.debug(
-            "[%s:token] Scheduled token refresh for sessionId=%s in %s "
-            "(expires_in=%ss, buffer=%ss)",
-            self._label,
-            session_id,
-            format_duration(pending.delay),
-            format_seconds(seconds),
-            format_seconds(self._refresh_buffer),
-        )
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "[%s:token] Scheduled token refresh for sessionId=%s in %s "
+                "(expires_in=%ss, buffer=%ss)",
+                self._label,
+                session_id,
+                format_duration(pending.delay),
+                format_seconds(seconds),
+                format_seconds(self._refresh_buffer),
+            )
         self._emit_scheduled(session_id, pending)
 
     def cancel(self, session_id: str) -> None:
@@ -397,28 +398,38 @@ class Scheduler:
             cancelled = [] if self._closed else self._cancel_everything()
             self._closed = True
             executor, self._executor = self._executor, None
-            if executor is not None:
-                # Queued refreshes are cancelled now; a thread waits out the running
-                # ones, so that close() can wait with a timeout (or not at all).
-                executor.shutdown(wait=False, cancel_futures=True)
-                stopper = threading.Thread(
-                    target=executor.shutdown, name=f"{self._thread_name}-close", daemon=True
-                )
-                stopper.start()
-                self._stopping.append(stopper)
-            stopping = list(self._stopping)
-            if self._thread_timers is not None:
-                stopping += self._thread_timers.stop()
         for session_id in cancelled:
             self._emit(events.Cancelled, session_id)
+        if self._thread_timers is not None:
+            self._thread_timers.stop()
+        if executor is not None:
+            # Queued refreshes are cancelled now; a thread waits out the running
+            # ones, so that close() can wait with a timeout (or not at all).
+            executor.shutdown(wait=False, cancel_futures=True)
+            stopper = threading.Thread(
+                target=executor.shutdown, name=f"{self._thread_name}-close", daemon=True
+            )
+            stopper.start()
+            with self._lock:
+                self._stopping.append(stopper)
         if self._inside_callback():
             return False
         deadline = None if limit is None else time.monotonic() + max(0.0, limit)
-        for thread in stopping:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+        def join(threads: list[threading.Thread]) -> list[threading.Thread]:
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return [thread for thread in threads if thread.is_alive()]
+
         with self._lock:
-            self._stopping = [thread for thread in self._stopping if thread.is_alive()]
-        return not any(thread.is_alive() for thread in stopping)
+            stopping = list(self._stopping)
+        # Workers first: a refresh finishing now may still start a timer thread.
+        left = join(stopping)
+        with self._lock:
+            self._stopping = left
+        if self._thread_timers is not None:
+            left += join(self._thread_timers.stop())
+        return not left
 
     # -- scheduling (all under the lock) ------------------------------------
 
@@ -464,29 +475,55 @@ class Scheduler:
         deadline = self._timer_backend.monotonic() + delay
         return _Pending(generation, delay, deadline, self._wall_time() + delay, reason)
 
-    def _arm(self, session_id: str, pending: _Pending) -> None:
-        remaining = pending.deadline - self._timer_backend.monotonic()
-        pending.handle = self._timer_backend.call_later(
-            min(remaining, _MAX_TIMER_DELAY), lambda: self._timer_fired(session_id, pending)
-        )
+    def _arm(self, session_id: str, pending: _Pending, *, start: bool = True) -> None:
+        """Arm the pending timer (lock held); ``start=False`` leaves a thread to _launch()."""
+        delay = min(pending.deadline - self._timer_backend.monotonic(), _MAX_TIMER_DELAY)
+
+        def fire() -> None:
+            self._timer_fired(session_id, pending)
+
+        if isinstance(self._thread_timers, ThreadTimers):
+            pending.handle = self._thread_timers.call_later(delay, fire, start=start)
+        else:
+            pending.handle = self._timer_backend.call_later(delay, fire)
 
     def _arm_next(
         self, session_id: str, generation: int, delay: float, reason: _Reason
     ) -> _Pending | None:
         """Arm a retry or follow-up timer in the current generation; None if refused.
 
-        There is no caller to raise to here, so a refused timer (the OS out of
-        threads) ends the session's chain, and the caller reports it.
+        The caller starts it with _launch() once the lock is released: a thread
+        started under the lock stalls every timer thread queued behind it, and
+        thousands fall due together at scale. There is no caller to raise to
+        here, so a refused timer (the OS out of threads) ends the session's
+        chain, and the caller reports it.
         """
         pending = self._pending(generation, delay, reason)
         try:
-            self._arm(session_id, pending)
+            self._arm(session_id, pending, start=False)
         except RuntimeError:
             del self._generations[session_id]
             self._give_ups += 1
             return None
         self._timers[session_id] = pending
         return pending
+
+    def _launch(self, session_id: str, pending: _Pending) -> bool:
+        """Start a timer thread that _arm_next() left unstarted; False if the chain ended."""
+        if not isinstance(self._thread_timers, ThreadTimers):
+            return True  # armed already
+        assert isinstance(pending.handle, threading.Timer)
+        try:
+            self._thread_timers.start(pending.handle)
+        except RuntimeError:
+            with self._lock:
+                ended = self._timers.get(session_id) is pending
+                if ended:
+                    del self._timers[session_id]
+                    del self._generations[session_id]
+                    self._give_ups += 1
+            return not ended
+        return True
 
     def _drop_timer(self, session_id: str) -> None:
         pending = self._timers.pop(session_id, None)
@@ -690,11 +727,7 @@ class Scheduler:
             max_attempts=MAX_REFRESH_FAILURES,
             error_type=error_type,
         )
-        if retry is not None:
-            self._report_scheduled(session_id, retry)
-        elif outcome == "broken":
-            self._report_chain_broken(session_id)
-        else:
+        if outcome == "gave up":
             _log.error(
                 "[%s:token] Giving up on sessionId=%s after %s consecutive failures",
                 self._label,
@@ -702,6 +735,10 @@ class Scheduler:
                 failures,
             )
             self._emit(events.GaveUp, session_id, failures=failures)
+        elif retry is not None and self._launch(session_id, retry):
+            self._report_scheduled(session_id, retry)
+        else:
+            self._report_chain_broken(session_id)
 
     def _deliver(self, session_id: str, generation: int, token: str) -> None:
         _log.debug(
@@ -733,7 +770,7 @@ class Scheduler:
                     if current
                     else None
                 )
-        if follow_up is not None:
+        if follow_up is not None and self._launch(session_id, follow_up):
             self._report_scheduled(session_id, follow_up)
         elif current:
             self._report_chain_broken(session_id)

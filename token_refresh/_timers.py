@@ -38,13 +38,20 @@ class ThreadTimers:
     def monotonic(self) -> float:
         return time.monotonic()
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> threading.Timer:
+    def call_later(
+        self, delay: float, callback: Callable[[], None], *, start: bool = True
+    ) -> threading.Timer:
+        """A timer for ``callback``; with ``start=False`` the caller starts it with start()."""
         timer = threading.Timer(delay, callback)
         timer.name = self._name
         timer.daemon = True
-        timer.start()
-        self._threads.add(timer)
+        if start:
+            self.start(timer)
         return timer
+
+    def start(self, timer: threading.Timer) -> None:
+        timer.start()  # RuntimeError if the OS refuses a thread
+        self._threads.add(timer)
 
     def stop(self) -> list[threading.Thread]:
         """The threads to join once every timer has been cancelled."""
