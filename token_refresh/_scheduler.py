@@ -502,11 +502,16 @@ class Scheduler:
         try:
             self._arm(session_id, pending, start=False)
         except RuntimeError:
-            del self._generations[session_id]
-            self._give_ups += 1
+            self._end_chain(session_id)
             return None
         self._timers[session_id] = pending
         return pending
+
+    def _end_chain(self, session_id: str) -> None:
+        """Give up on the session's refresh chain (lock held); its failure count stays."""
+        self._timers.pop(session_id, None)
+        del self._generations[session_id]
+        self._give_ups += 1
 
     def _launch(self, session_id: str, pending: _Pending) -> bool:
         """Start a timer thread that _arm_next() left unstarted; False if the chain ended."""
@@ -519,9 +524,7 @@ class Scheduler:
             with self._lock:
                 ended = self._timers.get(session_id) is pending
                 if ended:
-                    del self._timers[session_id]
-                    del self._generations[session_id]
-                    self._give_ups += 1
+                    self._end_chain(session_id)
             return not ended
         return True
 
@@ -689,12 +692,11 @@ class Scheduler:
                 self._failures[session_id] = failures
                 self._failed_attempts += 1
                 if failures >= MAX_REFRESH_FAILURES:
-                    del self._generations[session_id]  # the chain ends here
-                    self._give_ups += 1
+                    self._end_chain(session_id)
                     outcome = "gave up"
                 else:
                     retry = self._arm_next(session_id, generation, self._retry_delay, "retry")
-                    outcome = "broken" if retry is None else "retry"
+                    outcome = "failed"
             else:
                 self._failures.pop(session_id, None)
                 self._delivering[session_id] = generation
