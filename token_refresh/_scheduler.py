@@ -1,7 +1,8 @@
-"""The scheduler: one timer per session, refresh work on a small thread pool."""
+"""The scheduler: one timer per session, refresh work on a small pool of workers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -10,17 +11,17 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
 
 from . import events
+from ._context import refreshing
 from ._format import fingerprint, format_duration, format_instant, format_seconds
-from ._jwt import decode_jwt_expiry
-from ._timers import Cancellable, HeapTimers, ThreadTimers, Timers
+from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._runtime import ManualRuntime, Runtime, ThreadRuntime, Timer
 from .testing import ManualClock
 
 __all__ = ["Scheduler", "SchedulerClosedError", "Stats"]
@@ -37,10 +38,11 @@ REFRESH_RETRY_DELAY = 60.0
 MAX_REFRESH_FAILURES = 3
 #: Floor, in seconds, for delays computed from ``expires_in``.
 EXPIRES_IN_FLOOR = 30.0
+#: Seconds a get_access_token call may run before it counts as a failure.
+FETCH_TIMEOUT = 30.0
 
-# threading.Timer raises OverflowError past TIMEOUT_MAX; longer delays are
-# armed in steps of at most this much, so a far-future token never fires early.
-_MAX_TIMER_DELAY = float(threading.TIMEOUT_MAX)
+# A wait longer than this is a wait for ever (threading refuses longer timeouts).
+_LONGEST_WAIT = float(threading.TIMEOUT_MAX)
 
 # Live schedulers, for the at-fork hook below.
 _live_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
@@ -59,29 +61,57 @@ class Stats:
     refreshes: int  #: tokens delivered to on_refresh
     failures: int  #: refresh attempts that got no token
     give_ups: int  #: refresh chains that ended after failing
-
-
-class _Pending:
-    """A session's armed timer, bound to the generation that armed it."""
-
-    __slots__ = ("deadline", "delay", "due", "generation", "handle", "reason")
-    handle: Cancellable  # set by Scheduler._arm, before the entry is stored
-
-    def __init__(
-        self, generation: int, delay: float, deadline: float, due: float, reason: _Reason
-    ) -> None:
-        self.generation = generation
-        self.delay = delay
-        self.deadline = deadline  # on the timers' monotonic clock
-        self.due = due  # wall time, for people
-        self.reason = reason
+    running: int = 0  #: get_access_token and on_refresh calls in progress
+    stuck: int = 0  #: get_access_token calls past fetch_timeout, still running
 
 
 _Reason = Literal["exp", "expires_in", "retry", "follow_up"]
-_TIMER_BACKENDS: dict[str, type[ThreadTimers] | type[HeapTimers]] = {
-    "thread": ThreadTimers,
-    "heap": HeapTimers,
-}
+
+
+class _Pending:
+    """A session's refresh, armed or running, bound to the generation that armed it."""
+
+    __slots__ = ("delay", "due", "generation", "reason", "timer")
+    # The timer that fires it; once it has fired, the timer a retry or
+    # follow-up may re-arm (None: the backend needs none, or none was made).
+    timer: Timer | None
+
+    def __init__(self, generation: int, delay: float, due: float, reason: _Reason) -> None:
+        self.generation = generation
+        self.delay = delay
+        self.due = due  # wall time
+        self.reason = reason
+        self.timer = None
+
+    def release(self) -> None:
+        """The chain ends here: free the timer it would have re-armed."""
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class _Delivery:
+    """An on_refresh call in progress for a session, and the result due after it."""
+
+    __slots__ = ("generation", "next", "owner")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.owner = threading.get_ident()
+        self.next: tuple[_Pending, str] | None = None
+
+
+class _SessionId:
+    """A session id as logged: a fingerprint if it looks like a credential (formatted lazily)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        value = self.value
+        looks_like_jwt = value.count(".") == 2 and decode_jwt_payload(value) is not None
+        return fingerprint(value) if looks_like_jwt or value.startswith("sk-ant-si-") else value
 
 
 def _seconds(value: object, name: str) -> float:
@@ -99,6 +129,18 @@ def _seconds(value: object, name: str) -> float:
     return seconds
 
 
+def _wait_limit(timeout: object, name: str = "timeout") -> float | None:
+    """A wait's bound in seconds: None for ever (None, or too long for threading to wait)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout == math.inf:
+        return None
+    seconds = _seconds(timeout, name)
+    if seconds < 0:
+        raise ValueError(f"{name} must not be negative, not {seconds!r}")
+    return None if seconds > _LONGEST_WAIT else seconds
+
+
 def _require_str(value: object, name: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
@@ -113,8 +155,23 @@ class Scheduler:
     called from inside either callback. No callback runs while the
     scheduler's lock is held; ``on_refresh`` calls for one session never
     overlap and never deliver an older generation after a newer one; once
-    ``cancel``, ``cancel_all`` or ``close`` returns (called from outside a
-    callback), no ``on_refresh`` for the sessions it cancelled runs or starts.
+    ``cancel``, ``cancel_all`` or ``close`` returns True (called from outside
+    a callback), no ``on_refresh`` for the sessions it cancelled runs or starts.
+
+    Keyword options (durations in seconds, or a ``timedelta``):
+
+    - ``label``: starts every log line, ``[label:token]``, and names the threads.
+    - ``refresh_buffer`` (300): how long before a token's expiry it is refreshed.
+    - ``retry_delay`` (60): how long after a failed refresh it is retried.
+    - ``follow_up_interval`` (1800): how long after a refresh the next one comes.
+    - ``fetch_timeout`` (30, None: never): how long a ``get_access_token`` call
+      may run before it counts as a failure; its worker is replaced meanwhile.
+    - ``max_workers`` (4): threads that run ``get_access_token`` and ``on_refresh``.
+    - ``timers`` (``"thread"``): one timer thread per pending session; ``"heap"``:
+      one thread for all of them, for thousands of sessions.
+    - ``jitter`` (0) and ``rng``: refresh up to ``jitter`` earlier, at random.
+    - ``on_event``: receives an :mod:`~token_refresh.events` record for every step.
+    - ``clock``: a :class:`~token_refresh.testing.ManualClock`, in tests.
 
     In a child process after ``fork()``, the scheduler starts empty: the
     parent keeps refreshing the sessions it had.
@@ -131,6 +188,7 @@ class Scheduler:
         on_event: Callable[[events.Event], None] | None = None,
         retry_delay: float | timedelta = REFRESH_RETRY_DELAY,
         follow_up_interval: float | timedelta = FALLBACK_REFRESH_INTERVAL,
+        fetch_timeout: float | timedelta | None = FETCH_TIMEOUT,
         max_workers: int = 4,
         timers: Literal["thread", "heap"] = "thread",
         jitter: float | timedelta = 0.0,
@@ -150,13 +208,16 @@ class Scheduler:
         follow_up = _seconds(follow_up_interval, "follow_up_interval")
         if retry <= 0 or follow_up <= 0:
             raise ValueError("retry_delay and follow_up_interval must be positive")
+        fetch_limit = _wait_limit(fetch_timeout, "fetch_timeout")
+        if fetch_limit == 0:
+            raise ValueError("fetch_timeout must be positive, or None for no limit")
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, not {max_workers}")
         if clock is not None and not isinstance(clock, ManualClock):
             raise TypeError(f"clock must be a ManualClock or None, not {type(clock).__name__}")
-        if timers not in _TIMER_BACKENDS:
+        if timers not in ("thread", "heap"):
             raise ValueError(f"timers must be 'thread' or 'heap', not {timers!r}")
         spread = _seconds(jitter, "jitter")
         if spread < 0:
@@ -171,40 +232,44 @@ class Scheduler:
         self._refresh_buffer = buffer
         self._retry_delay = retry
         self._follow_up_interval = follow_up
-        self._max_workers = max_workers
-        self._timer_kind = _TIMER_BACKENDS[timers]
+        self._fetch_timeout = fetch_limit
         self._jitter = spread
         self._rng = rng if rng is not None else random.Random()
-        self._thread_name = f"token-refresh-{label}"
-        self._manual = clock
-        self._wall_time: Callable[[], float] = time.time if clock is None else clock.time
+        self._runtime: Runtime = (
+            ManualRuntime(clock)
+            if clock is not None
+            else ThreadRuntime(f"token-refresh-{label}", timers=timers, max_workers=max_workers)
+        )
         self._generation_counter = itertools.count(1)
         self._closed = False
+        self._fork_dropped = 0
         self._reset_state()
         _live_schedulers.add(self)
+        # Collected with no session left: stop the threads (a live session's
+        # timer keeps the scheduler alive, as a threading.Timer would).
+        weakref.finalize(self, self._runtime.close).atexit = False
 
     def _reset_state(self) -> None:
-        """Fresh lock, maps and threads: at construction, and in a forked child."""
+        """A fresh lock and empty maps: at construction, and in a forked child."""
         self._pid = os.getpid()
-        self._thread_timers: ThreadTimers | HeapTimers | None = None
-        self._timer_backend: Timers
-        if self._manual is None:
-            self._thread_timers = self._timer_backend = self._timer_kind(self._thread_name)
-        else:
-            self._timer_backend = self._manual
         self._lock = threading.Lock()
-        # Notified whenever an on_refresh call finishes.
+        # Notified whenever an on_refresh call ends or hands over to a newer one.
         self._delivered = threading.Condition(self._lock)
         # Generations come from one counter, so a freed session id that comes
         # back can never match a refresh still in flight from its past.
         self._generations: dict[str, int] = {}
         self._timers: dict[str, _Pending] = {}
         self._failures: dict[str, int] = {}
-        self._delivering: dict[str, int] = {}  # session id -> generation
-        self._executor: ThreadPoolExecutor | None = None
-        self._stopping: list[threading.Thread] = []  # what close() waits for
+        self._delivering: dict[str, _Delivery] = {}
         self._in_callback = threading.local()
-        self._refreshes = self._failed_attempts = self._give_ups = 0
+        self._counter_lock = threading.Lock()
+        self._refreshes = self._failed_attempts = self._give_ups = self._running = 0
+
+    def _reset_after_fork(self) -> None:
+        """Forget the parent's sessions, threads and locks; no logging, no I/O (fork hook)."""
+        self._fork_dropped = len(self._generations.keys() | self._timers.keys())
+        self._runtime.after_fork()
+        self._reset_state()
 
     # -- public API ---------------------------------------------------------
 
@@ -251,6 +316,7 @@ class Scheduler:
     def stats(self) -> Stats:
         """Current sizes and lifetime counters, for a metrics exporter."""
         self.after_fork()
+        stuck = self._runtime.stuck()
         with self._lock:
             return Stats(
                 sessions=len(self._generations),
@@ -258,6 +324,8 @@ class Scheduler:
                 refreshes=self._refreshes,
                 failures=self._failed_attempts,
                 give_ups=self._give_ups,
+                running=self._running,  # read under the GIL: a snapshot
+                stuck=stuck,
             )
 
     def after_fork(self) -> None:
@@ -266,25 +334,24 @@ class Scheduler:
         Runs by itself after ``os.fork()`` and at every call in a new process,
         so calling it from gunicorn's ``post_fork`` or uWSGI's ``@postfork``
         is optional but harmless. The child drops the sessions it inherited
-        (the parent keeps refreshing them) and logs one WARNING saying how many.
+        (the parent keeps refreshing them) and, at its first call, logs one
+        WARNING saying how many.
         """
-        if self._pid == os.getpid():
-            return
-        with _fork_lock:
-            if self._pid == os.getpid():
-                return  # another thread of this child got here first
-            dropped = len(self._generations.keys() | self._timers.keys())
-            # The parent's lock may be held by a thread that does not exist
-            # here, its timers never fire and its executor never runs work.
-            self._reset_state()
-        if dropped:
-            _log.warning(
-                "[%s:token] Forked: %d session(s) scheduled in the parent process are not "
-                "refreshed in this one (pid %d); schedule this process's own sessions",
-                self._label,
-                dropped,
-                self._pid,
-            )
+        if self._pid != os.getpid():
+            with _fork_lock:
+                if self._pid != os.getpid():  # else another thread of this child got here first
+                    self._reset_after_fork()
+        if self._fork_dropped:
+            with self._lock:
+                dropped, self._fork_dropped = self._fork_dropped, 0
+            if dropped:
+                self._say(
+                    logging.WARNING,
+                    "Forked: %d session(s) scheduled in the parent process are not refreshed "
+                    "in this one (pid %d); schedule this process's own sessions",
+                    dropped,
+                    self._pid,
+                )
 
     def schedule(self, session_id: str, token: str) -> None:
         """Refresh ``session_id`` ``refresh_buffer`` seconds before ``token``'s ``exp``.
@@ -299,91 +366,94 @@ class Scheduler:
         expiry = decode_jwt_expiry(token)
         if not expiry:  # as in the seed, an exp of 0 counts as missing too
             self._check_open()
-            _log.debug(
-                "[%s:token] Could not decode JWT expiry for sessionId=%s, token %s, "
-                "keeping existing timer",
-                self._label,
+            self._report(
+                events.TimerKept,
                 session_id,
+                logging.DEBUG,
+                "Could not decode JWT expiry for sessionId=%s, token %s, keeping existing timer",
+                _SessionId(session_id),
                 fingerprint(token),
+                token_fingerprint=fingerprint(token),
             )
-            self._emit(events.TimerKept, session_id, token_fingerprint=fingerprint(token))
             return
-        delay = expiry - self._wall_time() - self._refresh_buffer
+        delay = expiry - self._runtime.time() - self._refresh_buffer
         if delay > 0:
             pending = self._replace(session_id, delay, "exp")
-            if _log.isEnabledFor(logging.DEBUG):  # formatting costs as much as scheduling
-                _log.debug(
-                    "[%s:token] Scheduled token refresh for sessionId=%s in %s "
-                    "(expires=%s, buffer=%ss)",
-                    self._label,
-                    session_id,
-                    format_duration(pending.delay),
-                    format_instant(expiry),
-                    format_seconds(self._refresh_buffer),
-                )
-            self._emit_scheduled(session_id, pending)
+            self._report_scheduled(
+                session_id,
+                pending,
+                "Scheduled token refresh for sessionId=%s in %s (expires=%s, buffer=%ss)",
+                lambda: format_instant(expiry),
+            )
             return
-        generation, executor = self._replace_for_immediate_refresh(session_id)
-        _log.debug(
-            "[%s:token] Token for sessionId=%s expires=%s (past or within buffer), "
-            "refreshing immediately",
-            self._label,
+        pending = self._replace_for_immediate_refresh(session_id)
+        self._report(
+            events.Scheduled,
             session_id,
-            format_instant(expiry),
+            logging.DEBUG,
+            "Token for sessionId=%s expires=%s (past or within buffer), refreshing immediately",
+            _SessionId(session_id),
+            _Lazy(lambda: format_instant(expiry)),
+            due=pending.due,
+            delay=0.0,
+            reason="exp",
         )
-        self._emit(events.Scheduled, session_id, due=self._wall_time(), delay=0.0, reason="exp")
-        self._start_refresh(session_id, generation, executor)
+        self._start_refresh(session_id, pending)
 
     def schedule_from_expires_in(self, session_id: str, expires_in: float | timedelta) -> None:
         """Refresh ``session_id`` before a token that expires in ``expires_in`` seconds.
 
-        The delay is ``expires_in - refresh_buffer``, but never under 30 seconds.
+        The delay is ``expires_in - refresh_buffer``, but never under 30
+        seconds; if that floor puts the refresh after the token's expiry, a
+        WARNING says so (and the ``Scheduled`` event's ``after_expiry``).
         """
         _require_str(session_id, "session_id")
         seconds = _seconds(expires_in, "expires_in")
         self.after_fork()
         delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
         pending = self._replace(session_id, delay, "expires_in")
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug(
-                "[%s:token] Scheduled token refresh for sessionId=%s in %s "
-                "(expires_in=%ss, buffer=%ss)",
-                self._label,
-                session_id,
-                format_duration(pending.delay),
-                format_seconds(seconds),
-                format_seconds(self._refresh_buffer),
-            )
-        self._emit_scheduled(session_id, pending)
+        self._report_scheduled(
+            session_id,
+            pending,
+            "Scheduled token refresh for sessionId=%s in %s (expires_in=%ss, buffer=%ss)",
+            lambda: format_seconds(seconds),
+            late=delay - seconds,
+        )
 
-    def cancel(self, session_id: str) -> None:
+    def cancel(self, session_id: str, timeout: float | timedelta | None = None) -> bool:
         """Stop refreshing ``session_id`` and forget its state.
 
         A refresh in flight is dropped. Called from outside a callback, this
-        waits for an ``on_refresh`` call already running for the session.
+        waits up to ``timeout`` seconds (None: as long as it takes) for an
+        ``on_refresh`` call already running for the session. Returns False if
+        that call is still running (from inside a callback, it never waits).
         """
         _require_str(session_id, "session_id")
+        limit = _wait_limit(timeout)
         self.after_fork()
         with self._lock:
             live = self._generations.pop(session_id, None) is not None
             self._failures.pop(session_id, None)
             pending = self._timers.pop(session_id, None)
             if pending is not None:
-                pending.handle.cancel()
-            self._await_deliveries({session_id: self._delivering.get(session_id)})
+                pending.release()
+            done = self._await_deliveries([session_id], limit)
         if live:
-            self._emit(events.Cancelled, session_id)
+            self._report(events.Cancelled, session_id, logging.DEBUG, None)
+        return done
 
-    def cancel_all(self) -> None:
-        """Cancel every session, as :meth:`cancel` does for one."""
+    def cancel_all(self, timeout: float | timedelta | None = None) -> bool:
+        """Cancel every session, as :meth:`cancel` does for one; False if an on_refresh runs on."""
+        limit = _wait_limit(timeout)
         self.after_fork()
         with self._lock:
             cancelled = self._cancel_everything()
-            self._await_deliveries(dict(self._delivering))
+            done = self._await_deliveries(list(self._delivering), limit)
         for session_id in cancelled:
-            self._emit(events.Cancelled, session_id)
+            self._report(events.Cancelled, session_id, logging.DEBUG, None)
+        return done
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | timedelta | None = None) -> bool:
         """Cancel every session and stop the scheduler's threads. Idempotent.
 
         Waits up to ``timeout`` seconds (None: as long as it takes) for refresh
@@ -392,50 +462,47 @@ class Scheduler:
         callback, it does not wait (the caller is part of that work) and
         returns False.
         """
-        limit = None if timeout is None else _seconds(timeout, "timeout")
+        limit = _wait_limit(timeout)
         self.after_fork()
         with self._lock:
             cancelled = [] if self._closed else self._cancel_everything()
             self._closed = True
-            executor, self._executor = self._executor, None
         for session_id in cancelled:
-            self._emit(events.Cancelled, session_id)
-        if self._thread_timers is not None:
-            self._thread_timers.stop()
-        if executor is not None:
-            # Queued refreshes are cancelled now; a thread waits out the running
-            # ones, so that close() can wait with a timeout (or not at all).
-            executor.shutdown(wait=False, cancel_futures=True)
-            stopper = threading.Thread(
-                target=executor.shutdown, name=f"{self._thread_name}-close", daemon=True
-            )
-            stopper.start()
-            with self._lock:
-                self._stopping.append(stopper)
+            self._report(events.Cancelled, session_id, logging.DEBUG, None)
+        threads = self._runtime.close()
         if self._inside_callback():
             return False
-        deadline = None if limit is None else time.monotonic() + max(0.0, limit)
+        deadline = None if limit is None else time.monotonic() + limit
 
         def join(threads: list[threading.Thread]) -> list[threading.Thread]:
             for thread in threads:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             return [thread for thread in threads if thread.is_alive()]
 
-        with self._lock:
-            stopping = list(self._stopping)
-        # Workers first: a refresh finishing now may still start a timer thread.
-        left = join(stopping)
-        with self._lock:
-            self._stopping = left
-        if self._thread_timers is not None:
-            left += join(self._thread_timers.stop())
-        return not left
+        # Workers first: a refresh finishing now may still have armed a timer.
+        left = join(threads)
+        return not (left + join(self._runtime.timer_threads()))
 
-    # -- scheduling (all under the lock) ------------------------------------
+    # -- scheduling (under the lock) ----------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise SchedulerClosedError(f"scheduler {self._label!r} is closed")
+
+    def _pending(self, generation: int, delay: float, reason: _Reason) -> _Pending:
+        if self._jitter:
+            # Earlier, never later, and by at most half the delay, so a short
+            # delay cannot collapse into a tight loop.
+            delay -= self._rng.uniform(0.0, min(self._jitter, delay / 2))
+        return _Pending(generation, delay, self._runtime.time() + delay, reason)
+
+    def _arm(self, session_id: str, pending: _Pending, reuse: Timer | None) -> None:
+        """Arm the pending refresh's timer (lock held); runtime.start() must follow."""
+
+        def fire() -> None:
+            self._timer_fired(session_id, pending)
+
+        pending.timer = self._runtime.arm(pending.delay, fire, reuse)
 
     def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
         """Give the session a new generation and timer; return the timer."""
@@ -443,69 +510,83 @@ class Scheduler:
             self._check_open()
             pending = self._pending(next(self._generation_counter), delay, reason)
             try:
-                # Arm the new timer before touching anything: if the OS
+                # Armed and started before anything is touched: if the OS
                 # refuses a thread, the session keeps the timer it had.
-                self._arm(session_id, pending)
+                self._arm(session_id, pending, None)
+                assert pending.timer is not None
+                self._runtime.start(pending.timer)
             except RuntimeError as error:
+                pending.release()
                 raise RuntimeError(
-                    f"cannot arm a refresh timer for session {session_id!r} ({error}); "
-                    "its existing timer is kept"
+                    f"cannot arm a refresh timer for session {str(_SessionId(session_id))!r} "
+                    f"({error}); its existing timer is kept"
                 ) from error
             self._drop_timer(session_id)
             self._generations[session_id] = pending.generation
             self._timers[session_id] = pending
             return pending
 
-    def _replace_for_immediate_refresh(
-        self, session_id: str
-    ) -> tuple[int, ThreadPoolExecutor | None]:
-        """Give the session a new generation and no timer; return a worker to refresh on."""
+    def _replace_for_immediate_refresh(self, session_id: str) -> _Pending:
+        """Give the session a new generation and no timer; return the refresh to start."""
         with self._lock:
             self._check_open()
-            generation = next(self._generation_counter)
+            pending = _Pending(next(self._generation_counter), 0.0, self._runtime.time(), "exp")
+            pending.timer = self._runtime.reserve()
             self._drop_timer(session_id)
-            self._generations[session_id] = generation
-            return generation, self._worker_pool()
-
-    def _pending(self, generation: int, delay: float, reason: _Reason) -> _Pending:
-        if self._jitter:
-            # Earlier, never later, and by at most half the delay, so a short
-            # delay cannot collapse into a tight loop.
-            delay -= self._rng.uniform(0.0, min(self._jitter, delay / 2))
-        deadline = self._timer_backend.monotonic() + delay
-        return _Pending(generation, delay, deadline, self._wall_time() + delay, reason)
-
-    def _arm(self, session_id: str, pending: _Pending, *, start: bool = True) -> None:
-        """Arm the pending timer (lock held); ``start=False`` leaves a thread to _launch()."""
-        delay = min(pending.deadline - self._timer_backend.monotonic(), _MAX_TIMER_DELAY)
-
-        def fire() -> None:
-            self._timer_fired(session_id, pending)
-
-        if isinstance(self._thread_timers, ThreadTimers):
-            pending.handle = self._thread_timers.call_later(delay, fire, start=start)
-        else:
-            pending.handle = self._timer_backend.call_later(delay, fire)
+            self._generations[session_id] = pending.generation
+        # A parked timer for the follow-up, started here rather than on a
+        # worker, which must never wait for a thread to start.
+        if pending.timer is not None:
+            try:
+                self._runtime.start(pending.timer)
+            except RuntimeError:
+                pending.timer = None  # the follow-up makes its own
+        return pending
 
     def _arm_next(
-        self, session_id: str, generation: int, delay: float, reason: _Reason
+        self, session_id: str, fired: _Pending, delay: float, reason: _Reason
     ) -> _Pending | None:
-        """Arm a retry or follow-up timer in the current generation; None if refused.
+        """Arm a retry or follow-up in the fired refresh's generation (lock held).
 
-        The caller starts it with _launch() once the lock is released: a thread
-        started under the lock stalls every timer thread queued behind it, and
-        thousands fall due together at scale. There is no caller to raise to
-        here, so a refused timer (the OS out of threads) ends the session's
-        chain, and the caller reports it.
+        It re-arms the fired refresh's timer where the backend can; the caller
+        passes the result to _launch() as soon as the lock is released. There
+        is no caller to raise to, so a refused timer (the OS out of threads)
+        ends the chain: None, and the caller reports it.
         """
-        pending = self._pending(generation, delay, reason)
+        pending = self._pending(fired.generation, delay, reason)
         try:
-            self._arm(session_id, pending, start=False)
+            self._arm(session_id, pending, fired.timer)
         except RuntimeError:
             self._end_chain(session_id)
             return None
         self._timers[session_id] = pending
         return pending
+
+    def _launch(self, session_id: str, fired: _Pending, pending: _Pending | None) -> bool:
+        """Start what _arm_next() armed (lock released); False, reported, if the chain ended."""
+        if pending is None or pending.timer is not fired.timer:
+            fired.release()  # not re-armed: its parked thread is not needed
+        if pending is not None:
+            assert pending.timer is not None
+            try:
+                self._runtime.start(pending.timer)
+                return True
+            except RuntimeError:
+                with self._lock:
+                    ended = self._timers.get(session_id) is pending
+                    if ended:
+                        self._end_chain(session_id)
+                if not ended:
+                    return False  # cancelled or replaced meanwhile: nothing was lost
+        self._report(
+            events.GaveUp,
+            session_id,
+            logging.ERROR,
+            "Could not start a timer thread; refresh chain for sessionId=%s stopped",
+            _SessionId(session_id),
+            failures=0,
+        )
+        return False
 
     def _end_chain(self, session_id: str) -> None:
         """Give up on the session's refresh chain (lock held); its failure count stays."""
@@ -513,277 +594,449 @@ class Scheduler:
         del self._generations[session_id]
         self._give_ups += 1
 
-    def _launch(self, session_id: str, pending: _Pending) -> bool:
-        """Start a timer thread that _arm_next() left unstarted; False if the chain ended."""
-        if not isinstance(self._thread_timers, ThreadTimers):
-            return True  # armed already
-        assert isinstance(pending.handle, threading.Timer)
-        try:
-            self._thread_timers.start(pending.handle)
-        except RuntimeError:
-            with self._lock:
-                ended = self._timers.get(session_id) is pending
-                if ended:
-                    self._end_chain(session_id)
-            return not ended
-        return True
-
     def _drop_timer(self, session_id: str) -> None:
         pending = self._timers.pop(session_id, None)
         if pending is not None:
-            pending.handle.cancel()
+            pending.release()
 
     def _cancel_everything(self) -> list[str]:
         """Cancel every session; return the ones that had a live chain."""
         cancelled = list(self._generations)
         for pending in self._timers.values():
-            pending.handle.cancel()
+            pending.release()
         self._timers.clear()
         self._generations.clear()
         self._failures.clear()
         return cancelled
 
-    def _await_deliveries(self, deliveries: dict[str, int | None]) -> None:
-        """Wait (lock held) until the given on_refresh calls have returned."""
-        if self._inside_callback():
-            return  # waiting on ourselves, or on a callback waiting on us, deadlocks
-        while any(
-            generation is not None and self._delivering.get(session_id) == generation
-            for session_id, generation in deliveries.items()
-        ):
-            self._delivered.wait()
+    def _await_deliveries(self, session_ids: list[str], limit: float | None) -> bool:
+        """Wait (lock held) until the on_refresh calls now running for these sessions end.
+
+        Never from inside a callback or on the thread delivering (a log handler
+        there, say): waiting on ourselves, or on a callback waiting on us,
+        deadlocks. Returns False if one still runs.
+        """
+        running = {
+            session_id: (delivery, delivery.generation)
+            for session_id in session_ids
+            if (delivery := self._delivering.get(session_id)) is not None
+        }
+
+        def done() -> bool:
+            return all(
+                self._delivering.get(session_id) is not delivery
+                or delivery.generation != generation
+                for session_id, (delivery, generation) in running.items()
+            )
+
+        if not running or self._inside_callback():
+            return done()
+        if any(delivery.owner == threading.get_ident() for delivery, _ in running.values()):
+            return False
+        deadline = None if limit is None else time.monotonic() + limit
+        while not done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._delivered.wait(left)
+        return True
+
+    # -- callbacks, logs and events -----------------------------------------
 
     def _inside_callback(self) -> bool:
         return getattr(self._in_callback, "depth", 0) > 0
 
-    def _call_user(self, callback: Callable[[], object]) -> object:
-        """Run a user callback, marking this thread as inside one (they can nest)."""
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Mark this thread as doing the scheduler's work, so nothing here waits for it."""
         self._in_callback.depth = getattr(self._in_callback, "depth", 0) + 1
         try:
-            return callback()
+            yield
         finally:
             self._in_callback.depth -= 1
 
-    def _emit(self, kind: type[events.Event], session_id: str, **fields: Any) -> None:
-        """Build and send one event to on_event, if there is one (lock not held)."""
+    def _say(self, level: int, message: str, *args: object) -> None:
+        """Log one line; a log handler that raises (BaseException too) cannot break a chain."""
+        try:
+            if _log.isEnabledFor(level):
+                _log.log(level, "[%s:token] " + message, self._label, *args)
+        except BaseException:  # nowhere left to report it
+            pass
+
+    def _report(
+        self,
+        kind: type[events.Event],
+        session_id: str,
+        level: int,
+        message: str | None,
+        *args: object,
+        **fields: Any,
+    ) -> None:
+        """Turn one outcome into its log line and its event (lock not held); never raises."""
+        if message is not None:
+            self._say(level, message, *args)
         if self._on_event is None:
             return
-        event = kind(session_id=session_id, label=self._label, time=self._wall_time(), **fields)
-        on_event = self._on_event
         try:
-            self._call_user(lambda: on_event(event))
-        except Exception as error:
-            _log.error("[%s:token] on_event raised %s", self._label, type(error).__name__)
+            event = kind(
+                session_id=session_id, label=self._label, time=self._runtime.time(), **fields
+            )
+            with self._working():
+                self._on_event(event)
+        except BaseException as error:
+            self._say(logging.ERROR, "on_event raised %s", type(error).__name__)
 
-    def _report_chain_broken(self, session_id: str) -> None:
-        _log.error(
-            "[%s:token] Could not start a timer thread; refresh chain for sessionId=%s stopped",
-            self._label,
-            session_id,
-        )
-        self._emit(events.GaveUp, session_id, failures=0)
-
-    def _emit_scheduled(self, session_id: str, pending: _Pending) -> None:
-        self._emit(
+    def _report_scheduled(
+        self,
+        session_id: str,
+        pending: _Pending,
+        message: str,
+        detail: Callable[[], str],
+        *,
+        late: float = 0.0,
+    ) -> None:
+        """Report a refresh armed by schedule() or schedule_from_expires_in()."""
+        self._report(
             events.Scheduled,
             session_id,
+            logging.DEBUG,
+            message,
+            _SessionId(session_id),
+            _Lazy(lambda: format_duration(pending.delay)),
+            _Lazy(detail),
+            _Lazy(lambda: format_seconds(self._refresh_buffer)),
+            due=pending.due,
+            delay=pending.delay,
+            reason=pending.reason,
+            after_expiry=late > 0,
+        )
+        if late > 0:
+            self._say(
+                logging.WARNING,
+                "Refresh for sessionId=%s comes %s after its token expires "
+                "(expires_in is under the %ss floor)",
+                _SessionId(session_id),
+                format_duration(late),
+                format_seconds(EXPIRES_IN_FLOOR),
+            )
+
+    def _report_next(self, session_id: str, pending: _Pending) -> None:
+        """Report the retry or follow-up that a refresh armed."""
+        self._report(
+            events.Scheduled,
+            session_id,
+            logging.DEBUG,
+            "Scheduled follow-up refresh for sessionId=%s in %s"
+            if pending.reason == "follow_up"
+            else None,
+            _SessionId(session_id),
+            _Lazy(lambda: format_duration(pending.delay)),
             due=pending.due,
             delay=pending.delay,
             reason=pending.reason,
         )
 
-    def _report_scheduled(self, session_id: str, pending: _Pending) -> None:
-        """Report the retry or follow-up timer a refresh just armed."""
-        if pending.reason == "follow_up":
-            _log.debug(
-                "[%s:token] Scheduled follow-up refresh for sessionId=%s in %s",
-                self._label,
-                session_id,
-                format_duration(pending.delay),
-            )
-        self._emit_scheduled(session_id, pending)
+    def _report_stale(self, session_id: str, generation: int, current: int | None) -> None:
+        self._report(
+            events.StaleDropped,
+            session_id,
+            logging.DEBUG,
+            "Refresh for sessionId=%s stale (gen %s vs %s), skipping",
+            _SessionId(session_id),
+            generation,
+            current,
+        )
 
     # -- refreshing ---------------------------------------------------------
 
     def _timer_fired(self, session_id: str, pending: _Pending) -> None:
         with self._lock:
-            if self._timers.get(session_id) is not pending:
-                return  # cancelled or replaced after Timer.cancel() could stop it
-            if pending.deadline > self._timer_backend.monotonic():
-                self._arm(session_id, pending)  # a delay longer than one timer holds
-                return
-            del self._timers[session_id]
-            executor = self._worker_pool()
-        self._start_refresh(session_id, pending.generation, executor)
-
-    def _worker_pool(self) -> ThreadPoolExecutor | None:
-        """The executor (created on first use, lock held); None on a ManualClock."""
-        if self._manual is None and self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._max_workers, thread_name_prefix=self._thread_name
-            )
-        return self._executor
-
-    def _start_refresh(
-        self, session_id: str, generation: int, executor: ThreadPoolExecutor | None
-    ) -> None:
-        """Run the refresh on a worker (or inline on a ManualClock)."""
-        if self._manual is not None:
-            # get_access_token runs at once, as the seed calls it before its
-            # first await; what the refresh queues runs after it returns.
-            self._manual.run_now(lambda: self._refresh(session_id, generation))
-            return
-        assert executor is not None
-        try:
-            executor.submit(self._refresh, session_id, generation)
-        except RuntimeError:
-            # close() (or interpreter shutdown) got there first; the session is gone.
-            _log.debug(
-                "[%s:token] Refresh for sessionId=%s dropped: shut down", self._label, session_id
-            )
-
-    def _refresh(self, session_id: str, generation: int) -> None:
-        self._emit(events.RefreshStarted, session_id)
-        token, error_type = self._fetch(session_id)
-        if self._manual is not None:
-            # The seed awaits get_access_token: the rest runs as a microtask.
-            self._manual.run_soon(lambda: self._complete(session_id, generation, token, error_type))
+            current = self._timers.get(session_id) is pending
+            if current:
+                del self._timers[session_id]
+        if current:
+            self._start_refresh(session_id, pending)
         else:
-            self._complete(session_id, generation, token, error_type)
+            pending.release()  # cancelled or replaced after its timer could be stopped
 
-    def _fetch(self, session_id: str) -> tuple[str | None, str | None]:
-        """Call get_access_token; return the token (None if none) and any error's type."""
-        try:
-            token = self._call_user(self._get_access_token)
-        except Exception as error:
-            # By type only: an exception's message may quote a token.
-            _log.error(
-                "[%s:token] get_access_token raised %s for sessionId=%s",
-                self._label,
-                type(error).__name__,
-                session_id,
+    def _start_refresh(self, session_id: str, pending: _Pending) -> None:
+        """Run the refresh on a worker (inline on a ManualClock)."""
+        if not self._runtime.submit(lambda: self._refresh(session_id, pending)):
+            pending.release()
+            self._say(
+                logging.DEBUG,
+                "Refresh for sessionId=%s dropped: shut down",
+                _SessionId(session_id),
             )
-            return None, type(error).__name__
+
+    def _refresh(self, session_id: str, pending: _Pending) -> None:
+        """A worker's job: call get_access_token, bounded by fetch_timeout, then complete."""
+        with self._working():
+            self._report(events.RefreshStarted, session_id, logging.DEBUG, None)
+            # Whoever acquires it first settles the attempt: this worker with a
+            # result, or the watchdog with a timeout. The other does nothing.
+            settled = threading.Lock()
+            worker = threading.current_thread()
+
+            def timed_out() -> None:
+                if settled.acquire(blocking=False):
+                    self._runtime.abandon(worker)  # a fresh worker serves the other sessions
+                    self._start_completion(session_id, pending, None, "timeout")
+
+            watch = (
+                None
+                if self._fetch_timeout is None
+                else self._runtime.watch(self._fetch_timeout, timed_out)
+            )
+            try:
+                token, error_type, raised = self._fetch(session_id)
+            finally:
+                if watch is not None:
+                    watch.cancel()
+            if not settled.acquire(blocking=False):
+                self._say(
+                    logging.WARNING,
+                    "get_access_token for sessionId=%s returned after fetch_timeout; "
+                    "result dropped",
+                    _SessionId(session_id),
+                )
+                return
+            if raised:
+                # A synchronous throw in the seed: handled before anything queued.
+                self._complete(session_id, pending, token, error_type)
+            else:
+                self._runtime.then(lambda: self._complete(session_id, pending, token, error_type))
+
+    def _start_completion(
+        self, session_id: str, pending: _Pending, token: str | None, error_type: str
+    ) -> None:
+        if not self._runtime.submit(lambda: self._complete(session_id, pending, token, error_type)):
+            pending.release()
+
+    def _fetch(self, session_id: str) -> tuple[str | None, str | None, bool]:
+        """Call get_access_token: the token (None if none), any error's type, and if it raised."""
+        self._count_running(1)
+        try:
+            with refreshing(session_id):
+                token: object = self._get_access_token()
+        except BaseException as error:
+            # By type only: an exception's message may quote a token.
+            self._say(
+                logging.ERROR,
+                "get_access_token raised %s for sessionId=%s",
+                type(error).__name__,
+                _SessionId(session_id),
+            )
+            return None, type(error).__name__, True
+        finally:
+            self._count_running(-1)
         if token is None or isinstance(token, str):
-            return token or None, None
-        _log.error(
-            "[%s:token] get_access_token returned %s, not a str or None, for sessionId=%s",
-            self._label,
+            return token or None, None, False
+        self._say(
+            logging.ERROR,
+            "get_access_token returned %s, not a str or None, for sessionId=%s",
             type(token).__name__,
-            session_id,
+            _SessionId(session_id),
         )
-        return None, type(token).__name__
+        return None, type(token).__name__, False
 
     def _complete(
-        self, session_id: str, generation: int, token: str | None, error_type: str | None
+        self, session_id: str, pending: _Pending, token: str | None, error_type: str | None
     ) -> None:
-        retry: _Pending | None = None
-        with self._lock:
-            # Wait out an earlier generation's on_refresh, so deliveries for one
-            # session never overlap; then drop this one if it went stale meanwhile.
-            while (current := self._generations.get(session_id)) == generation and (
-                session_id in self._delivering
-            ):
-                self._delivered.wait()
-            if current != generation:
-                outcome = "stale"
-            elif token is None:
-                failures = self._failures.get(session_id, 0) + 1
-                self._failures[session_id] = failures
-                self._failed_attempts += 1
-                if failures >= MAX_REFRESH_FAILURES:
-                    self._end_chain(session_id)
-                    outcome = "gave up"
-                else:
-                    retry = self._arm_next(session_id, generation, self._retry_delay, "retry")
-                    outcome = "failed"
-            else:
-                self._failures.pop(session_id, None)
-                self._delivering[session_id] = generation
-                self._refreshes += 1
-                outcome = "deliver"
-        if outcome == "stale":
-            _log.debug(
-                "[%s:token] Refresh for sessionId=%s stale (gen %s vs %s), skipping",
-                self._label,
-                session_id,
-                generation,
-                current,
-            )
-            self._emit(events.StaleDropped, session_id)
-            return
-        if token is not None:
-            self._deliver(session_id, generation, token)
-            return
-        _log.error(
-            "[%s:token] No access token available for refresh, sessionId=%s (failure %s/%s)",
-            self._label,
-            session_id,
-            failures,
-            MAX_REFRESH_FAILURES,
-        )
-        self._emit(
-            events.RefreshFailed,
-            session_id,
-            attempt=failures,
-            max_attempts=MAX_REFRESH_FAILURES,
-            error_type=error_type,
-        )
-        if outcome == "gave up":
-            _log.error(
-                "[%s:token] Giving up on sessionId=%s after %s consecutive failures",
-                self._label,
-                session_id,
-                failures,
-            )
-            self._emit(events.GaveUp, session_id, failures=failures)
-        elif retry is not None and self._launch(session_id, retry):
-            self._report_scheduled(session_id, retry)
-        else:
-            self._report_chain_broken(session_id)
-
-    def _deliver(self, session_id: str, generation: int, token: str) -> None:
-        _log.debug(
-            "[%s:token] Refreshing token for sessionId=%s: new token %s",
-            self._label,
-            session_id,
-            fingerprint(token),
-        )
-        self._emit(events.Refreshed, session_id, token_fingerprint=fingerprint(token))
-        try:
-            self._call_user(lambda: self._on_refresh(session_id, token))
-        except Exception as error:
-            _log.error(
-                "[%s:token] on_refresh raised %s for sessionId=%s",
-                self._label,
-                type(error).__name__,
-                session_id,
-            )
-            self._emit(events.CallbackError, session_id, error_type=type(error).__name__)
-        finally:
+        """Count a failure and arm its retry, or deliver the token (or hand it over)."""
+        with self._working():
+            retry = stale_next = mine = None
+            armed = False
             with self._lock:
-                del self._delivering[session_id]
-                self._delivered.notify_all()
-                # A schedule() from inside on_refresh bumped the generation: its
-                # timer supersedes the follow-up, so none is armed (no orphan).
-                current = self._generations.get(session_id) == generation
-                follow_up = (
-                    self._arm_next(session_id, generation, self._follow_up_interval, "follow_up")
-                    if current
-                    else None
+                current = self._generations.get(session_id)
+                if current != pending.generation:
+                    outcome = "stale"
+                elif token is None:
+                    failures = self._failures.get(session_id, 0) + 1
+                    self._failures[session_id] = failures
+                    self._failed_attempts += 1
+                    if failures >= MAX_REFRESH_FAILURES:
+                        self._end_chain(session_id)
+                        outcome = "gave up"
+                    else:
+                        retry = self._arm_next(session_id, pending, self._retry_delay, "retry")
+                        outcome = "failed"
+                        armed = True
+                else:
+                    self._failures.pop(session_id, None)
+                    delivery = self._delivering.get(session_id)
+                    if delivery is None:
+                        # Marked here, unmarked by _deliver()'s finally.
+                        self._delivering[session_id] = mine = _Delivery(pending.generation)
+                        self._refreshes += 1
+                        outcome = "deliver"
+                    else:
+                        # An older generation's on_refresh is running: its thread
+                        # delivers this one next. No worker waits for it.
+                        stale_next, delivery.next = delivery.next, (pending, token)
+                        outcome = "handed"
+            if armed and not self._launch(session_id, pending, retry):
+                retry = None
+            if outcome in ("stale", "gave up"):
+                pending.release()
+            if stale_next is not None:
+                stale_next[0].release()
+                self._report_stale(session_id, stale_next[0].generation, pending.generation)
+            if outcome == "stale":
+                self._report_stale(session_id, pending.generation, current)
+                return
+            if mine is not None:
+                assert token is not None
+                self._deliver(session_id, mine, pending, token)
+                return
+            if outcome == "handed":
+                return
+            if error_type == "timeout":
+                self._report(
+                    events.RefreshTimedOut,
+                    session_id,
+                    logging.ERROR,
+                    "get_access_token timed out after %ss for sessionId=%s",
+                    _Lazy(lambda: format_seconds(self._fetch_timeout or 0)),
+                    _SessionId(session_id),
+                    attempt=failures,
+                    max_attempts=MAX_REFRESH_FAILURES,
+                    error_type="TimeoutError",
+                    timeout=self._fetch_timeout,
                 )
-        if follow_up is not None and self._launch(session_id, follow_up):
-            self._report_scheduled(session_id, follow_up)
-        elif current:
-            self._report_chain_broken(session_id)
+            self._report(
+                events.RefreshFailed,
+                session_id,
+                logging.ERROR,
+                "No access token available for refresh, sessionId=%s (failure %s/%s)",
+                _SessionId(session_id),
+                failures,
+                MAX_REFRESH_FAILURES,
+                attempt=failures,
+                max_attempts=MAX_REFRESH_FAILURES,
+                error_type="TimeoutError" if error_type == "timeout" else error_type,
+            )
+            if outcome == "gave up":
+                self._report(
+                    events.GaveUp,
+                    session_id,
+                    logging.ERROR,
+                    "Giving up on sessionId=%s after %s consecutive failures",
+                    _SessionId(session_id),
+                    failures,
+                    failures=failures,
+                )
+            elif retry is not None:
+                self._report_next(session_id, retry)
+
+    def _deliver(self, session_id: str, delivery: _Delivery, pending: _Pending, token: str) -> None:
+        """Call on_refresh, then any newer result handed over meanwhile; arm the follow-up.
+
+        ``delivery`` was marked by the caller; the ``finally`` unmarks it
+        whatever on_refresh, on_event or a log handler raised.
+        """
+        finished = False
+        try:
+            while True:
+                self._report(
+                    events.Refreshed,
+                    session_id,
+                    logging.DEBUG,
+                    "Refreshing token for sessionId=%s: new token %s",
+                    _SessionId(session_id),
+                    fingerprint(token),
+                    token_fingerprint=fingerprint(token),
+                )
+                self._call_on_refresh(session_id, token)
+                follow_up = None
+                armed = False
+                dropped: list[tuple[_Pending, int | None]] = []
+                with self._lock:
+                    current = self._generations.get(session_id)
+                    # A schedule() from inside on_refresh bumped the generation: its
+                    # timer supersedes the follow-up, so none is armed (no orphan).
+                    if current == pending.generation:
+                        follow_up = self._arm_next(
+                            session_id, pending, self._follow_up_interval, "follow_up"
+                        )
+                        armed = True
+                    else:
+                        dropped.append((pending, current))
+                    handed, delivery.next = delivery.next, None
+                    if handed is not None and handed[0].generation != current:
+                        dropped.append((handed[0], current))
+                        handed = None
+                    if handed is None:
+                        del self._delivering[session_id]
+                        finished = True
+                    else:
+                        delivery.generation = handed[0].generation
+                        self._refreshes += 1
+                    self._delivered.notify_all()
+                if armed and self._launch(session_id, pending, follow_up):
+                    assert follow_up is not None
+                    self._report_next(session_id, follow_up)
+                for stale, now in dropped:
+                    stale.release()
+                    if stale is not pending:
+                        self._report_stale(session_id, stale.generation, now)
+                if handed is None:
+                    return
+                pending, token = handed
+        finally:
+            if not finished:  # left by an exception: unmark all the same
+                with self._lock:
+                    if self._delivering.get(session_id) is delivery:
+                        del self._delivering[session_id]
+                        if delivery.next is not None:
+                            delivery.next[0].release()
+                    self._delivered.notify_all()
+
+    def _count_running(self, change: int) -> None:
+        # Not the scheduler's lock: under contention every acquisition of it
+        # costs a worker a GIL switch interval (5 ms).
+        with self._counter_lock:
+            self._running += change
+
+    def _call_on_refresh(self, session_id: str, token: str) -> None:
+        self._count_running(1)
+        try:
+            with self._working():
+                self._on_refresh(session_id, token)
+        except BaseException as error:
+            self._report(
+                events.CallbackError,
+                session_id,
+                logging.ERROR,
+                "on_refresh raised %s for sessionId=%s",
+                type(error).__name__,
+                _SessionId(session_id),
+                error_type=type(error).__name__,
+            )
+        finally:
+            self._count_running(-1)
+
+
+class _Lazy:
+    """A log argument computed only if the line is written."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[], object]) -> None:
+        self.compute = compute
+
+    def __str__(self) -> str:
+        return str(self.compute())
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in children (TestFork)
+    """Only re-initialise: no logging, no I/O, no lock this module did not create."""
     global _fork_lock
     _fork_lock = threading.Lock()
     for scheduler in list(_live_schedulers):
-        scheduler.after_fork()
+        scheduler._reset_after_fork()
 
 
 _fork_lock = threading.Lock()
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -16,6 +16,7 @@ __all__ = [
     "GaveUp",
     "RefreshFailed",
     "RefreshStarted",
+    "RefreshTimedOut",
     "Refreshed",
     "Scheduled",
     "StaleDropped",
@@ -38,11 +39,14 @@ class Scheduled(Event):
 
     ``reason`` says why: a JWT's ``exp`` (``delay`` 0 when it refreshes at
     once), an ``expires_in``, a ``retry`` after a failure, or a ``follow_up``.
+    ``after_expiry`` is True when the 30-second floor on ``expires_in`` puts
+    the refresh after the token has expired.
     """
 
     due: float
     delay: float
     reason: Literal["exp", "expires_in", "retry", "follow_up"]
+    after_expiry: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +79,17 @@ class RefreshFailed(Event):
     attempt: int
     max_attempts: int
     error_type: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefreshTimedOut(RefreshFailed):
+    """get_access_token ran past ``timeout`` seconds (``fetch_timeout``): a failure.
+
+    A ``RefreshFailed`` follows it, as for any failure; the late result, if
+    the call ever returns, is dropped.
+    """
+
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,554 @@
+"""Where a scheduler's work runs: timers, worker threads and clocks, behind one seam.
+
+``Runtime`` is the seam. :class:`ThreadRuntime` is the real one (a timer
+backend, a small pool of daemon workers and a watchdog for hung calls);
+:class:`ManualRuntime` runs everything inline on a ``ManualClock``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .testing import ManualClock
+
+_log = logging.getLogger("token_refresh")
+
+#: Seconds that interpreter exit waits, in all, for refresh work already running.
+EXIT_GRACE = 1.0
+
+# A timer thread whose refresh is in flight waits this long to be re-armed
+# with the retry or follow-up before it gives up and exits.
+_PARK_LIMIT = 300.0
+
+
+def _internal_error() -> None:
+    """Log a bug in the library's own callbacks (they report user errors themselves)."""
+    with contextlib.suppress(BaseException):  # a log handler that raises cannot stop a thread
+        _log.exception("[token_refresh] internal error in a timer or worker thread")
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """What a scheduler needs from the world: two clocks, timers and workers."""
+
+    def time(self) -> float:
+        """Wall time, Unix seconds: decides when tokens expire."""
+
+    def monotonic(self) -> float:
+        """The clock timers count their delays on."""
+
+    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
+        """Arm ``callback`` after ``delay`` (under the caller's lock: never starts a thread).
+
+        ``reuse`` is the timer that started the refresh now arming its retry
+        or follow-up; a backend may re-arm it instead of making a new one.
+        """
+
+    def reserve(self) -> Timer | None:
+        """A timer for an immediate refresh to re-arm later, or None if the backend needs none."""
+
+    def start(self, timer: Timer) -> None:
+        """Start what arm() or reserve() made (lock released); RuntimeError if the OS refuses."""
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Run ``job`` on a worker; False once closed (the job is dropped)."""
+
+    def then(self, work: Callable[[], None]) -> None:
+        """Run ``work`` once the current callback returns (at once on real threads)."""
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
+        """Call ``callback`` on another thread after ``timeout``; None if calls cannot hang."""
+
+    def abandon(self, worker: threading.Thread) -> None:
+        """A worker's call hung: stop counting it, and replace it if the bound allows."""
+
+    def stuck(self) -> int:
+        """Calls abandoned by abandon() and still running."""
+
+    def close(self) -> list[threading.Thread]:
+        """Stop everything: queued work is dropped; return the threads to join."""
+
+    def timer_threads(self) -> list[threading.Thread]:
+        """Stop the timers again (a finishing refresh may have armed one); their threads."""
+
+    def after_fork(self) -> None:
+        """Forget every thread and lock: the child of a fork() has none of them."""
+
+
+# -- Timers -------------------------------------------------------------------
+
+
+class _SessionTimer:
+    """One daemon thread that waits for a deadline, runs a callback, and can be re-armed.
+
+    After its callback ran it parks: the refresh it started re-arms it with
+    the retry or follow-up, so a refresh chain never waits for a new thread
+    to start (``Thread.start()`` waits a GIL switch for it, and a storm of
+    refreshes would serialise on that).
+    """
+
+    __slots__ = ("__weakref__", "_callback", "_deadline", "_owner", "_state", "_thread", "_wake")
+
+    def __init__(
+        self, owner: ThreadTimers, deadline: float | None, callback: Callable[[], None] | None
+    ) -> None:
+        self._owner = owner
+        self._wake = threading.Condition(threading.Lock())
+        self._deadline = deadline
+        self._callback = callback
+        self._state = "armed" if callback is not None else "parked"  # or "done"
+        self._thread = threading.Thread(target=self._run, name=owner.name, daemon=True)
+
+    def start(self) -> None:
+        if self._thread.ident is not None:
+            return  # re-armed: running already
+        self._owner.add(self)
+        self._thread.start()  # RuntimeError if the OS refuses a thread
+
+    def thread(self) -> threading.Thread | None:
+        return self._thread if self._thread.ident is not None else None
+
+    def cancel(self) -> None:
+        with self._wake:
+            self._state = "done"
+            self._callback = None
+            self._wake.notify()
+
+    def rearm(self, deadline: float, callback: Callable[[], None]) -> bool:
+        """Wait for ``deadline`` again, if parked and still alive; False otherwise."""
+        with self._wake:
+            if self._state != "parked":
+                return False
+            self._state, self._deadline, self._callback = "armed", deadline, callback
+            self._wake.notify()
+            return True
+
+    def _run(self) -> None:
+        with self._wake:
+            while self._state != "done":
+                if self._state == "parked":
+                    if not self._wake.wait(_PARK_LIMIT) and self._state == "parked":
+                        self._state = "done"
+                    continue
+                assert self._deadline is not None
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._wake.wait(min(remaining, threading.TIMEOUT_MAX))
+                    continue
+                callback, self._callback, self._state = self._callback, None, "parked"
+                assert callback is not None
+                self._wake.release()
+                try:
+                    callback()
+                except BaseException:
+                    _internal_error()
+                finally:
+                    del callback  # an idle thread must not keep its scheduler alive
+                    self._wake.acquire()
+
+
+class ThreadTimers:
+    """One daemon thread per pending session, re-armed along its refresh chain."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # Every started timer not yet garbage: stop() cancels and joins parked ones too.
+        self._started: weakref.WeakSet[_SessionTimer] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, timer: _SessionTimer) -> None:
+        with self._lock:
+            self._started.add(timer)
+
+    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
+        deadline = time.monotonic() + delay
+        if isinstance(reuse, _SessionTimer) and reuse.rearm(deadline, callback):
+            return reuse
+        return _SessionTimer(self, deadline, callback)
+
+    def reserve(self) -> Timer:
+        return _SessionTimer(self, None, None)
+
+    def start(self, timer: Timer) -> None:
+        assert isinstance(timer, _SessionTimer)
+        timer.start()
+
+    def stop(self) -> list[threading.Thread]:
+        """Cancel every timer, parked ones too; return their threads to join."""
+        with self._lock:
+            timers = list(self._started)
+        for timer in timers:
+            timer.cancel()
+        return [thread for timer in timers if (thread := timer.thread()) is not None]
+
+
+class _HeapEntry:
+    """A timer in a HeapTimers heap; cancelling it leaves it there to be skipped."""
+
+    __slots__ = ("callback", "owner")
+
+    def __init__(self, owner: HeapTimers, callback: Callable[[], None]) -> None:
+        self.owner = owner
+        self.callback: Callable[[], None] | None = callback
+
+    def cancel(self) -> None:
+        self.owner._cancel(self)
+
+
+class HeapTimers:
+    """All of a scheduler's timers on one daemon thread: a deadline heap and a Condition.
+
+    Cancelled entries stay in the heap (cancelling is O(1)) and are skipped
+    when they surface; the heap is rebuilt when more than half of it is dead.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._heap: list[tuple[float, int, _HeapEntry]] = []
+        self._sequence = itertools.count()
+        self._cancelled = 0
+        self._wakeup = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._thread_started = False
+        self._stopped = False
+
+    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None = None) -> Timer:
+        entry = _HeapEntry(self, callback)
+        deadline = time.monotonic() + delay
+        with self._wakeup:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            heapq.heappush(self._heap, (deadline, next(self._sequence), entry))
+            if self._heap[0][2] is entry:
+                self._wakeup.notify()  # the new timer is due before the one being waited for
+        return entry
+
+    def reserve(self) -> None:
+        return None
+
+    def start(self, timer: Timer | None = None) -> None:
+        """Start the heap's thread if nobody has (lock not held); cancel ``timer`` if refused."""
+        with self._wakeup:
+            thread = None if self._thread_started else self._thread
+            self._thread_started = True
+        # Started outside the heap's lock, so it is parked in wait() at once: a
+        # thread still starting when uWSGI forks (without Python's fork hooks)
+        # was seen to leave the child waiting for the GIL for ever.
+        if thread is None:
+            return
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._wakeup:
+                self._thread = None
+                self._thread_started = False
+            if timer is not None:
+                timer.cancel()
+            raise
+
+    def _cancel(self, entry: _HeapEntry) -> None:
+        with self._wakeup:
+            if entry.callback is None:
+                return  # fired or cancelled already
+            entry.callback = None
+            self._cancelled += 1
+            if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if item[2].callback is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def stop(self) -> list[threading.Thread]:
+        """Stop the timer thread (pending timers never fire); return it to join."""
+        with self._wakeup:
+            self._stopped = True
+            self._heap.clear()
+            self._cancelled = 0
+            self._wakeup.notify()
+            thread = self._thread if self._thread_started else None
+        return [] if thread is None else [thread]
+
+    def _run(self) -> None:
+        with self._wakeup:
+            while not self._stopped:
+                if not self._heap:
+                    self._wakeup.wait()
+                    continue
+                deadline, _, entry = self._heap[0]
+                if entry.callback is None:
+                    heapq.heappop(self._heap)
+                    self._cancelled -= 1
+                    continue
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._wakeup.wait(min(wait, threading.TIMEOUT_MAX))
+                    continue
+                heapq.heappop(self._heap)
+                callback, entry.callback = entry.callback, None
+                self._wakeup.release()  # never run a callback holding the heap's lock
+                try:
+                    callback()
+                except BaseException:
+                    _internal_error()
+                finally:
+                    del callback, entry  # an idle thread must not keep its scheduler alive
+                    self._wakeup.acquire()
+
+
+# -- Workers ------------------------------------------------------------------
+
+
+class Workers:
+    """A small pool of daemon worker threads, started as work arrives.
+
+    Unlike ``concurrent.futures.ThreadPoolExecutor``, whose workers the
+    interpreter joins at exit without a bound, these are daemons: at exit,
+    work not yet started is dropped and running work gets :data:`EXIT_GRACE`
+    seconds. A worker whose call hung can be abandoned: it no longer counts,
+    and a new one takes its place, up to ``max_stuck`` abandoned at once.
+    """
+
+    def __init__(self, name: str, max_workers: int, max_stuck: int) -> None:
+        self._name = name
+        self._max_workers = max_workers
+        self._max_stuck = max_stuck
+        self._reset()
+        _live_pools.add(self)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Callable[[], None]] = deque()
+        self._threads: set[threading.Thread] = set()  # counted workers
+        self._abandoned: set[threading.Thread] = set()  # hung, not counted
+        self._idle = 0
+        self._running = 0
+        self._closed = False
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            self._queue.append(job)
+            thread = self._new_worker()
+        if thread is not None:
+            self._start(thread)
+        return True
+
+    def _new_worker(self) -> threading.Thread | None:
+        """Wake an idle worker; make one if work outnumbers them and there is room (lock held)."""
+        if self._idle:
+            self._cond.notify()
+        if len(self._queue) <= self._idle or len(self._threads) >= self._max_workers:
+            return None
+        thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+        self._threads.add(thread)
+        self._idle += 1  # counted as idle until it takes work, so it is not made twice
+        return thread
+
+    def _start(self, thread: threading.Thread) -> None:
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._cond:  # the OS refused; the queued work waits for another worker
+                self._threads.discard(thread)
+                self._idle -= 1
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            self._idle -= 1
+            while True:
+                while not self._queue and not self._closed:
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                if self._closed:
+                    break
+                job = self._queue.popleft()
+                self._running += 1
+                self._cond.release()
+                try:
+                    job()
+                except BaseException:
+                    _internal_error()
+                finally:
+                    del job  # an idle worker must not keep its scheduler alive
+                    self._cond.acquire()
+                    self._running -= 1
+                    self._cond.notify_all()
+                if me in self._abandoned:
+                    self._abandoned.discard(me)
+                    if len(self._threads) >= self._max_workers:
+                        return  # replaced while it hung
+                    self._threads.add(me)
+            self._threads.discard(me)
+            self._abandoned.discard(me)
+
+    def abandon(self, worker: threading.Thread) -> None:
+        with self._cond:
+            if worker not in self._threads or len(self._abandoned) >= self._max_stuck:
+                return  # finished meanwhile, or too many hung: the pool shrinks instead
+            self._threads.discard(worker)
+            self._abandoned.add(worker)
+            thread = self._new_worker() if self._queue else None
+        if thread is not None:
+            self._start(thread)
+
+    def stuck(self) -> int:
+        with self._cond:
+            return len(self._abandoned)
+
+    def close(self) -> list[threading.Thread]:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+            return [t for t in self._threads | self._abandoned if t.ident is not None]
+
+    def wait_idle(self, deadline: float) -> None:
+        """Wait until no job is running, or until ``deadline`` (monotonic)."""
+        with self._cond:
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+
+_live_pools: weakref.WeakSet[Workers] = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Drop refreshes not yet started; give running ones EXIT_GRACE seconds in all."""
+    pools = list(_live_pools)
+    for pool in pools:
+        pool.close()
+    deadline = time.monotonic() + EXIT_GRACE
+    for pool in pools:
+        pool.wait_idle(deadline)
+
+
+# -- Runtimes -----------------------------------------------------------------
+
+
+class ThreadRuntime:
+    """Real threads: a timer backend, a worker pool and, for hung calls, a watchdog."""
+
+    def __init__(self, name: str, *, timers: str, max_workers: int) -> None:
+        self._name = name
+        self._timer_kind = ThreadTimers if timers == "thread" else HeapTimers
+        self._max_workers = max_workers
+        self.after_fork()
+
+    def after_fork(self) -> None:
+        self._timers: ThreadTimers | HeapTimers = self._timer_kind(self._name)
+        self._workers = Workers(self._name, self._max_workers, max_stuck=self._max_workers)
+        self._watchdog: HeapTimers | None = None
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
+        return self._timers.arm(delay, callback, reuse)
+
+    def reserve(self) -> Timer | None:
+        return self._timers.reserve()
+
+    def start(self, timer: Timer) -> None:
+        self._timers.start(timer)
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        return self._workers.submit(job)
+
+    def then(self, work: Callable[[], None]) -> None:
+        work()
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
+        with self._lock:
+            if self._watchdog is None:
+                self._watchdog = HeapTimers(f"{self._name}-watchdog")
+            watchdog = self._watchdog
+        entry = watchdog.arm(min(timeout, threading.TIMEOUT_MAX), callback)
+        watchdog.start(entry)
+        return entry
+
+    def abandon(self, worker: threading.Thread) -> None:
+        self._workers.abandon(worker)
+
+    def stuck(self) -> int:
+        return self._workers.stuck()
+
+    def close(self) -> list[threading.Thread]:
+        threads = self._workers.close()
+        with self._lock:
+            watchdog = self._watchdog
+        if watchdog is not None:
+            threads += watchdog.stop()
+        return threads + self._timers.stop()
+
+    def timer_threads(self) -> list[threading.Thread]:
+        return self._timers.stop()
+
+
+class ManualRuntime:
+    """Everything inline on a ManualClock: its timers, and work on the calling thread."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self._clock = clock
+
+    def time(self) -> float:
+        return self._clock.time()
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
+        return self._clock.call_later(delay, callback)
+
+    def reserve(self) -> None:
+        return None
+
+    def start(self, timer: Timer) -> None:
+        pass
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        # get_access_token runs at once, as the seed calls it before its
+        # first await; what the refresh passes to then() runs after it returns.
+        self._clock.run_now(job)
+        return True
+
+    def then(self, work: Callable[[], None]) -> None:
+        self._clock.run_soon(work)
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> None:
+        return None  # calls run inline: nothing else runs while one hangs
+
+    def abandon(self, worker: threading.Thread) -> None:  # pragma: no cover - never watched
+        pass
+
+    def stuck(self) -> int:
+        return 0
+
+    def close(self) -> list[threading.Thread]:
+        return []
+
+    def timer_threads(self) -> list[threading.Thread]:
+        return []
+
+    def after_fork(self) -> None:
+        pass
