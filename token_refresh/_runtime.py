@@ -73,11 +73,8 @@ class Runtime(Protocol):
     def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
         """Call ``callback`` on another thread after ``timeout``; None if calls cannot hang."""
 
-    def abandon(self, worker: threading.Thread) -> None:
-        """A worker's call hung: stop counting it, and replace it if the bound allows."""
-
-    def stuck(self) -> int:
-        """Calls abandoned by abandon() and still running."""
+    def abandon(self, worker: threading.Thread) -> bool:
+        """A worker's call hung: replace it, unless too many are hung already (False)."""
 
     def close(self) -> list[threading.Thread]:
         """Stop everything: queued work is dropped; return the threads to join."""
@@ -397,19 +394,18 @@ class Workers:
             self._threads.discard(me)
             self._abandoned.discard(me)
 
-    def abandon(self, worker: threading.Thread) -> None:
+    def abandon(self, worker: threading.Thread) -> bool:
         with self._cond:
-            if worker not in self._threads or len(self._abandoned) >= self._max_stuck:
-                return  # finished meanwhile, or too many hung: the pool shrinks instead
+            if worker not in self._threads:
+                return True  # finished meanwhile
+            if len(self._abandoned) >= self._max_stuck:
+                return False  # too many hung: the pool shrinks instead of growing
             self._threads.discard(worker)
             self._abandoned.add(worker)
             thread = self._new_worker() if self._queue else None
         if thread is not None:
             self._start(thread)
-
-    def stuck(self) -> int:
-        with self._cond:
-            return len(self._abandoned)
+        return True
 
     def close(self) -> list[threading.Thread]:
         with self._cond:
@@ -453,7 +449,9 @@ class ThreadRuntime:
 
     def after_fork(self) -> None:
         self._timers: ThreadTimers | HeapTimers = self._timer_kind(self._name)
-        self._workers = Workers(self._name, self._max_workers, max_stuck=self._max_workers)
+        self._workers = Workers(
+            f"{self._name}-worker", self._max_workers, max_stuck=self._max_workers
+        )
         self._watchdog: HeapTimers | None = None
         self._lock = threading.Lock()
 
@@ -487,11 +485,8 @@ class ThreadRuntime:
         watchdog.start(entry)
         return entry
 
-    def abandon(self, worker: threading.Thread) -> None:
-        self._workers.abandon(worker)
-
-    def stuck(self) -> int:
-        return self._workers.stuck()
+    def abandon(self, worker: threading.Thread) -> bool:
+        return self._workers.abandon(worker)
 
     def close(self) -> list[threading.Thread]:
         threads = self._workers.close()
@@ -538,11 +533,8 @@ class ManualRuntime:
     def watch(self, timeout: float, callback: Callable[[], None]) -> None:
         return None  # calls run inline: nothing else runs while one hangs
 
-    def abandon(self, worker: threading.Thread) -> None:  # pragma: no cover - never watched
-        pass
-
-    def stuck(self) -> int:
-        return 0
+    def abandon(self, worker: threading.Thread) -> bool:  # pragma: no cover - never watched
+        return True
 
     def close(self) -> list[threading.Thread]:
         return []

@@ -263,7 +263,8 @@ class Scheduler:
         self._delivering: dict[str, _Delivery] = {}
         self._in_callback = threading.local()
         self._counter_lock = threading.Lock()
-        self._refreshes = self._failed_attempts = self._give_ups = self._running = 0
+        self._refreshes = self._failed_attempts = self._give_ups = 0
+        self._running = self._stuck = 0
 
     def _reset_after_fork(self) -> None:
         """Forget the parent's sessions, threads and locks; no logging, no I/O (fork hook)."""
@@ -316,7 +317,6 @@ class Scheduler:
     def stats(self) -> Stats:
         """Current sizes and lifetime counters, for a metrics exporter."""
         self.after_fork()
-        stuck = self._runtime.stuck()
         with self._lock:
             return Stats(
                 sessions=len(self._generations),
@@ -324,8 +324,8 @@ class Scheduler:
                 refreshes=self._refreshes,
                 failures=self._failed_attempts,
                 give_ups=self._give_ups,
-                running=self._running,  # read under the GIL: a snapshot
-                stuck=stuck,
+                running=self._running,  # counted under _counter_lock: a snapshot
+                stuck=self._stuck,
             )
 
     def after_fork(self) -> None:
@@ -779,9 +779,18 @@ class Scheduler:
             worker = threading.current_thread()
 
             def timed_out() -> None:
-                if settled.acquire(blocking=False):
-                    self._runtime.abandon(worker)  # a fresh worker serves the other sessions
-                    self._start_completion(session_id, pending, None, "timeout")
+                if not settled.acquire(blocking=False):
+                    return  # the call returned first
+                self._count(stuck=1)
+                if not self._runtime.abandon(worker):  # else a new worker serves the others
+                    self._say(
+                        logging.WARNING,
+                        "%d get_access_token calls are hung past fetch_timeout; no more "
+                        "workers are added, so refreshes wait for one to return",
+                        self._stuck,
+                    )
+                # Completed here, on the watchdog's thread: every worker may be hung.
+                self._complete(session_id, pending, None, "timeout")
 
             watch = (
                 None
@@ -794,6 +803,7 @@ class Scheduler:
                 if watch is not None:
                     watch.cancel()
             if not settled.acquire(blocking=False):
+                self._count(stuck=-1)
                 self._say(
                     logging.WARNING,
                     "get_access_token for sessionId=%s returned after fetch_timeout; "
@@ -807,15 +817,9 @@ class Scheduler:
             else:
                 self._runtime.then(lambda: self._complete(session_id, pending, token, error_type))
 
-    def _start_completion(
-        self, session_id: str, pending: _Pending, token: str | None, error_type: str
-    ) -> None:
-        if not self._runtime.submit(lambda: self._complete(session_id, pending, token, error_type)):
-            pending.release()
-
     def _fetch(self, session_id: str) -> tuple[str | None, str | None, bool]:
         """Call get_access_token: the token (None if none), any error's type, and if it raised."""
-        self._count_running(1)
+        self._count(running=1)
         try:
             with refreshing(session_id):
                 token: object = self._get_access_token()
@@ -829,7 +833,7 @@ class Scheduler:
             )
             return None, type(error).__name__, True
         finally:
-            self._count_running(-1)
+            self._count(running=-1)
         if token is None or isinstance(token, str):
             return token or None, None, False
         self._say(
@@ -992,14 +996,15 @@ class Scheduler:
                             delivery.next[0].release()
                     self._delivered.notify_all()
 
-    def _count_running(self, change: int) -> None:
+    def _count(self, *, running: int = 0, stuck: int = 0) -> None:
         # Not the scheduler's lock: under contention every acquisition of it
         # costs a worker a GIL switch interval (5 ms).
         with self._counter_lock:
-            self._running += change
+            self._running += running
+            self._stuck += stuck
 
     def _call_on_refresh(self, session_id: str, token: str) -> None:
-        self._count_running(1)
+        self._count(running=1)
         try:
             with self._working():
                 self._on_refresh(session_id, token)
@@ -1014,7 +1019,7 @@ class Scheduler:
                 error_type=type(error).__name__,
             )
         finally:
-            self._count_running(-1)
+            self._count(running=-1)
 
 
 class _Lazy:
