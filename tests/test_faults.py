@@ -640,6 +640,35 @@ class TestPromptExit:
         assert result.stdout.count("delivered") <= 2
         assert took < 5
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    def test_child_does_not_wait_for_work_inherited_from_the_parent(self) -> None:
+        """A child forked while a parent worker ran a call exits at once: that work is not its."""
+        result, took = self.run(
+            """
+            import os, sys, threading, time
+            import token_refresh._runtime
+            from token_refresh import Scheduler
+            token_refresh._runtime.EXIT_GRACE = 30.0  # a wrong wait would show
+            entered = threading.Event()
+            def hang():
+                entered.set()
+                time.sleep(60)
+            sched = Scheduler(hang, lambda s, t: None, fetch_timeout=None)
+            sched.schedule("s1", "x.eyJleHAiOjF9.y")
+            assert entered.wait(10)
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)  # a normal exit: atexit hooks run
+            started = time.monotonic()
+            os.waitpid(pid, 0)
+            print(round(time.monotonic() - started))
+            os._exit(0)
+            """
+        )
+        assert (result.returncode, result.stderr) == (0, "")
+        assert int(result.stdout) < 10
+        assert took < 20
+
 
 @pytest.mark.realclock
 @pytest.mark.timeout(30)
@@ -730,3 +759,26 @@ class TestForkWhileLogging:
             stream.close()
             sched.close()
         assert hung == 0
+
+
+class TestWithoutFork:
+    def test_imports_and_runs_where_register_at_fork_is_missing(self) -> None:
+        """On a platform without os.register_at_fork (Windows), the package imports and works."""
+        script = textwrap.dedent(
+            """
+            import os
+            del os.fork, os.register_at_fork  # as on Windows
+            from token_refresh import Scheduler
+            from token_refresh.testing import ManualClock
+            clock = ManualClock()
+            delivered = []
+            sched = Scheduler(lambda: "t", lambda s, t: delivered.append(s), clock=clock)
+            sched.schedule_from_expires_in("s1", 600)
+            clock.advance(300)
+            print(delivered)
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        )
+        assert (result.returncode, result.stdout, result.stderr) == (0, "['s1']\n", "")

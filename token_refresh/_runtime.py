@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -122,8 +123,11 @@ class _SessionTimer:
     def cancel(self) -> None:
         with self._wake:
             self._state = "done"
-            self._callback = None
+            # Dropped once the lock is released: it may hold the last reference
+            # to its scheduler, whose finalizer stops (and so locks) every timer.
+            callback, self._callback = self._callback, None
             self._wake.notify()
+        del callback
 
     def rearm(self, deadline: float, callback: Callable[[], None]) -> bool:
         """Wait for ``deadline`` again, if parked and still alive; False otherwise."""
@@ -261,21 +265,23 @@ class HeapTimers:
         with self._wakeup:
             if entry.callback is None:
                 return  # fired or cancelled already
-            entry.callback = None
+            callback, entry.callback = entry.callback, None  # dropped after the lock, see stop()
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
                 self._heap = [item for item in self._heap if item[2].callback is not None]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
+        del callback
 
     def stop(self) -> list[threading.Thread]:
         """Stop the timer thread (pending timers never fire); return it to join."""
         with self._wakeup:
             self._stopped = True
-            self._heap.clear()
+            dropped, self._heap = self._heap, []  # cleared after the lock, as in cancel()
             self._cancelled = 0
             self._wakeup.notify()
             thread = self._thread if self._thread_started else None
+        dropped.clear()
         return [] if thread is None else [thread]
 
     def _run(self) -> None:
@@ -326,6 +332,7 @@ class Workers:
         _live_pools.add(self)
 
     def _reset(self) -> None:
+        self.pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Callable[[], None]] = deque()
         self._threads: set[threading.Thread] = set()  # counted workers
@@ -410,9 +417,12 @@ class Workers:
     def close(self) -> list[threading.Thread]:
         with self._cond:
             self._closed = True
-            self._queue.clear()
+            # Cleared after the lock (see _SessionTimer.cancel).
+            dropped, self._queue = self._queue, deque()
             self._cond.notify_all()
-            return [t for t in self._threads | self._abandoned if t.ident is not None]
+            threads = [t for t in self._threads | self._abandoned if t.ident is not None]
+        dropped.clear()
+        return threads
 
     def wait_idle(self, deadline: float) -> None:
         """Wait until no job is running, or until ``deadline`` (monotonic)."""
@@ -427,7 +437,8 @@ _live_pools: weakref.WeakSet[Workers] = weakref.WeakSet()
 @atexit.register
 def _at_exit() -> None:
     """Drop refreshes not yet started; give running ones EXIT_GRACE seconds in all."""
-    pools = list(_live_pools)
+    # A pool inherited through fork() counts work whose threads this process never had.
+    pools = [pool for pool in list(_live_pools) if pool.pid == os.getpid()]
     for pool in pools:
         pool.close()
     deadline = time.monotonic() + EXIT_GRACE

@@ -895,21 +895,18 @@ class Scheduler:
                 return
             if outcome == "handed":
                 return
-            if error_type == "timeout":
-                self._report(
-                    events.RefreshTimedOut,
-                    session_id,
+            timed_out = error_type == "timeout"
+            if timed_out:
+                self._say(
                     logging.ERROR,
                     "get_access_token timed out after %ss for sessionId=%s",
                     _Lazy(lambda: format_seconds(self._fetch_timeout or 0)),
                     _SessionId(session_id),
-                    attempt=failures,
-                    max_attempts=MAX_REFRESH_FAILURES,
-                    error_type="TimeoutError",
-                    timeout=self._fetch_timeout,
                 )
+            # A timeout is reported as RefreshTimedOut, a kind of RefreshFailed, instead of it.
+            extra = {"timeout": self._fetch_timeout} if timed_out else {}
             self._report(
-                events.RefreshFailed,
+                events.RefreshTimedOut if timed_out else events.RefreshFailed,
                 session_id,
                 logging.ERROR,
                 "No access token available for refresh, sessionId=%s (failure %s/%s)",
@@ -918,7 +915,8 @@ class Scheduler:
                 MAX_REFRESH_FAILURES,
                 attempt=failures,
                 max_attempts=MAX_REFRESH_FAILURES,
-                error_type="TimeoutError" if error_type == "timeout" else error_type,
+                error_type="TimeoutError" if timed_out else error_type,
+                **extra,
             )
             if outcome == "gave up":
                 self._report(
@@ -1043,5 +1041,5 @@ def _after_fork_in_child() -> None:  # pragma: no cover - runs in children (Test
 
 
 _fork_lock = threading.Lock()
-if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which cannot fork
     os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -85,8 +85,8 @@ class RefreshFailed(Event):
 class RefreshTimedOut(RefreshFailed):
     """get_access_token ran past ``timeout`` seconds (``fetch_timeout``): a failure.
 
-    A ``RefreshFailed`` follows it, as for any failure; the late result, if
-    the call ever returns, is dropped.
+    Sent instead of a plain ``RefreshFailed`` (``error_type`` is
+    ``"TimeoutError"``); the late result, if the call ever returns, is dropped.
     """
 
     timeout: float
