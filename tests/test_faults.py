@@ -214,6 +214,7 @@ class TestBadInputToWaits:
         assert getattr(scheduler, method)(timeout=1e10) is True
         assert getattr(scheduler, method)(timeout=float("inf")) is True
         assert getattr(scheduler, method)(timeout=timedelta(days=10**6)) is True
+        assert getattr(scheduler, method)(timeout=10**400) is True  # too large for a float
 
     @pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])
     def test_bad_timeout_is_refused_before_anything_changes(
@@ -247,7 +248,14 @@ class TestBadInputToWaits:
 class TestCredentialLikeSessionIds:
     @pytest.mark.parametrize(
         "session_id",
-        ["sk-ant-si-0123456789abcdefSECRET", make_jwt({"sub": "alice", "exp": 1})],
+        [
+            "sk-ant-si-0123456789abcdefSECRET",
+            " sk-ant-si-0123456789abcdefSECRET",
+            make_jwt({"sub": "alice", "exp": 1}),
+            "eyJhbGciOiJIUzI1NiJ9.SECRETnotJSON0123.SECRETsignature0123",  # a payload not JSON
+            "eyJhbGciOiJIUzI1NiJ9..SECRETdetached0123",  # a detached-payload JWS
+            "eyJhbGciOiJSU0EtT0FFUCJ9.SECRETkey01234.iv.SECRETcipher0123.tag",  # a JWE
+        ],
     )
     def test_logged_as_fingerprints(
         self, clock: ManualClock, caplog: pytest.LogCaptureFixture, session_id: str
@@ -386,7 +394,7 @@ class TestHungFetches:
     def test_past_the_bound_the_pool_stops_growing(
         self, release: threading.Event, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """With max_workers hung already, a further hung call is not replaced, and says so."""
+        """With max_workers hung already, another hung call is not replaced; it says so later."""
         hung = threading.Semaphore(0)
 
         def get_access_token() -> str:
@@ -408,15 +416,84 @@ class TestHungFetches:
         sched.schedule("b", expiring_in(-1))
         for _ in range(2):
             assert hung.acquire(timeout=WAIT)
-        log.wait(events.RefreshTimedOut, count=2)
+        wait_until(lambda: sched.stats().stuck == 2, "both calls to time out")
+        assert sched.stats().failures == 2  # counted, and retries armed, on time
+        assert {sched.next_refresh_at("a") is None, sched.next_refresh_at("b") is None} == {False}
         sched.schedule("c", expiring_in(-1))
         assert not hung.acquire(timeout=0.3)  # no worker left for it: it waits
         workers = [t for t in threading.enumerate() if t.name == "token-refresh-bound-worker"]
         assert len(workers) == 2  # the one it replaced, and the replacement
-        assert "no more workers are added" in caplog.text
-        assert sched.stats().stuck == 2
         release.set()
         assert hung.acquire(timeout=WAIT)  # a returning worker takes it
+        log.wait(events.RefreshTimedOut, count=2)  # reported once a worker was free
+        assert "no more workers are added" in caplog.text
+        assert sched.close(timeout=WAIT)
+
+    def test_a_session_whose_call_hangs_is_not_called_again(self, release: threading.Event) -> None:
+        """Retries of sessions whose calls still hang pile up no threads; others are served."""
+        calls: dict[str, int] = {}
+        delivered = threading.Event()
+
+        def get_access_token() -> str:
+            session = current_session_id() or ""
+            calls[session] = calls.get(session, 0) + 1
+            if session != "healthy":
+                release.wait()
+            return "t"
+
+        def on_refresh(session_id: str, token: str) -> None:
+            if session_id == "healthy":
+                delivered.set()
+
+        log = EventLog()
+        sched = Scheduler(
+            get_access_token,
+            on_refresh,
+            fetch_timeout=0.05,
+            retry_delay=0.05,
+            refresh_buffer=0,
+            on_event=log,
+        )  # max_workers: 4, the default
+        for n in range(4):
+            sched.schedule(f"hung-{n}", expiring_in(-1))
+        log.wait(events.GaveUp, count=4)  # three attempts each, two of them never called
+        assert calls == {f"hung-{n}": 1 for n in range(4)}
+        assert sched.stats().stuck == 4
+        sched.schedule("healthy", expiring_in(-1))
+        wait_for(delivered, "the healthy session")
+        assert sched.close(timeout=0) is False
+        release.set()
+        assert sched.close(timeout=WAIT)
+
+    def test_a_blocking_on_event_does_not_stop_other_timeouts(
+        self, release: threading.Event
+    ) -> None:
+        """on_event blocking on a RefreshTimedOut holds a worker, not the fetch watchdog."""
+        timed_out: list[str] = []
+        first = threading.Event()
+
+        def on_event(event: events.Event) -> None:
+            if isinstance(event, events.RefreshTimedOut):
+                timed_out.append(event.session_id)
+                first.set()
+                release.wait()
+
+        def get_access_token() -> str:
+            release.wait()
+            return "t"
+
+        sched = Scheduler(
+            get_access_token,
+            lambda s, t: None,
+            fetch_timeout=0.1,
+            refresh_buffer=0,
+            on_event=on_event,
+        )
+        sched.schedule("a", expiring_in(-1))
+        wait_for(first, "the first timeout's event")
+        sched.schedule("b", expiring_in(-1))
+        wait_until(lambda: sched.stats().stuck == 2, "the second call to time out too")
+        release.set()
         assert sched.close(timeout=WAIT)
 
 
@@ -424,6 +501,34 @@ class TestHungFetches:
 @pytest.mark.timeout(30)
 @pytest.mark.usefixtures("timer_backend")
 class TestBlockedDelivery:
+    def test_a_refresh_cancelled_while_queued_is_never_called(
+        self, release: threading.Event
+    ) -> None:
+        """A refresh waiting for a worker when its session is cancelled never calls the source."""
+        busy = threading.Event()
+        called: list[str | None] = []
+
+        def get_access_token() -> str:
+            called.append(current_session_id())
+            if current_session_id() == "busy":
+                busy.set()
+                release.wait()
+            return "t"
+
+        log = EventLog()
+        sched = Scheduler(
+            get_access_token, lambda s, t: None, max_workers=1, refresh_buffer=0, on_event=log
+        )
+        sched.schedule("busy", expiring_in(-1))
+        wait_for(busy, "the only worker to be busy")
+        sched.schedule("queued", expiring_in(-1))
+        assert sched.cancel("queued") is True
+        release.set()
+        log.wait(events.Refreshed, session_id="busy")
+        assert sched.close(timeout=WAIT)
+        assert called == ["busy"]
+        assert log.of(events.RefreshStarted, "queued") == []
+
     def test_blocked_on_refresh_pins_one_worker_and_cancel_is_bounded(
         self, release: threading.Event
     ) -> None:
@@ -452,7 +557,8 @@ class TestBlockedDelivery:
         wait_for(blocked, "the blocking delivery")
         for _ in range(3):
             sched.schedule("stuck", expiring_in(-1))  # newer generations, refreshed at once
-        log.wait(events.StaleDropped, count=2, session_id="stuck")  # the first two overtaken
+        # The newest is fetched (the overtaken ones may never be) and handed over, not waited on.
+        log.wait(events.RefreshStarted, count=2, session_id="stuck")
         sched.schedule("other", expiring_in(-1))
         wait_for(other, "another session's delivery beside the blocked one")
         assert sched.cancel("stuck", timeout=0.05) is False  # cancelled; its call still runs
@@ -559,6 +665,27 @@ class TestBlockedDelivery:
 @pytest.mark.realclock
 @pytest.mark.timeout(30)
 class TestStormPath:
+    def test_schedule_starts_no_thread_under_the_lock(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """schedule() starts its timer thread before it takes the scheduler's lock."""
+        sched = Scheduler(lambda: "t", lambda s, t: None, refresh_buffer=0, label="nolock")
+        held: list[bool] = []
+        original = threading.Thread.start
+
+        def recording_start(self: threading.Thread) -> None:
+            held.append(sched._lock.locked())
+            original(self)
+
+        monkeypatch.setattr(threading.Thread, "start", recording_start)
+        for n in range(20):
+            sched.schedule_from_expires_in(f"s{n}", 3600)
+            sched.schedule(f"now{n}", expiring_in(-1))
+        monkeypatch.undo()
+        assert held
+        assert not any(held)
+        assert sched.close(timeout=WAIT)
+
     def test_no_refresh_path_starts_a_thread(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Timer-fired refreshes re-arm their own timer threads: workers never start one."""
         starts_on_workers: list[str] = []
@@ -782,3 +909,21 @@ class TestWithoutFork:
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
         )
         assert (result.returncode, result.stdout, result.stderr) == (0, "['s1']\n", "")
+
+
+class TestMarksUndone:
+    def test_an_unexpected_error_after_delivery_leaves_no_stuck_delivery(
+        self, clock: ManualClock, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Even an error inside the scheduler after on_refresh unmarks the delivery."""
+        sched = Scheduler(recorder.get_access_token, recorder.on_refresh, clock=clock)
+        sched.schedule_from_expires_in("s1", 600)
+
+        def broken(*args: object) -> None:
+            raise MemoryError  # arming the follow-up fails, inside the delivery's bookkeeping
+
+        monkeypatch.setattr(Scheduler, "_arm_next", broken)
+        with pytest.raises(MemoryError):
+            clock.advance(300)
+        assert recorder.deliveries == [(300.0, "s1", "access-token")]
+        assert sched.cancel("s1", timeout=0) is True  # no delivery left marked

@@ -392,7 +392,7 @@ class TestRefusedThreads:
         """A follow-up whose thread the OS refuses ends the chain loudly, unless cancelled."""
         if timer_backend != "thread":
             pytest.skip("only the thread backend starts a thread per timer")
-        given_up = threading.Event()
+        given_up, cancelled = threading.Event(), threading.Event()
         seen: list[str] = []
         sched: Scheduler
 
@@ -400,19 +400,25 @@ class TestRefusedThreads:
             seen.append(type(event).__name__)
             if isinstance(event, events.GaveUp):
                 given_up.set()
+            if isinstance(event, events.Cancelled):
+                cancelled.set()
+
+        starts = 0
 
         def refuse(timer: object) -> None:
-            if cancelled_meanwhile:
+            nonlocal starts
+            starts += 1  # 1: the follow-up's parked thread, in schedule(); 2: the follow-up
+            if cancelled_meanwhile and starts == 2:
                 sched.cancel("s1")
             raise RuntimeError("can't start new thread")
 
         sched = Scheduler(lambda: "t", lambda s, t: None, refresh_buffer=0, on_event=on_event)
         monkeypatch.setattr(_SessionTimer, "start", refuse)
         sched.schedule("s1", expiring_in(-1))  # refreshed at once: no timer until the follow-up
+        wait_for(cancelled if cancelled_meanwhile else given_up, "the follow-up's refusal")
         assert sched.close(timeout=WAIT)
         if cancelled_meanwhile:
             assert "GaveUp" not in seen
         else:
-            assert given_up.is_set()
             assert "refresh chain for sessionId=s1 stopped" in caplog.text
         assert sched.sessions() == frozenset()

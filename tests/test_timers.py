@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 
 from token_refresh import Scheduler
-from token_refresh._runtime import HeapTimers, Timer
+from token_refresh import _runtime as runtime
+from token_refresh._runtime import HeapTimers, ThreadTimers, Timer, Workers
 from token_refresh.testing import ManualClock
 
 from conftest import START, Recorder, make_jwt
@@ -54,13 +55,13 @@ class TestHeapTimers:
         """Cancelled timers are skipped, and a heap mostly of cancelled ones is rebuilt."""
         timers = HeapTimers("token-refresh-heap-test")
         fired = threading.Event()
-        handles = [call_later(timers, 0.01, fired.set) for _ in range(200)]
+        handles = [call_later(timers, 0.5, fired.set) for _ in range(200)]
         for handle in handles:
             handle.cancel()
             handle.cancel()  # twice is harmless
         assert len(timers._heap) < 200  # rebuilt once more than half was dead
         sentinel = threading.Event()
-        call_later(timers, 0.05, sentinel.set)
+        call_later(timers, 1.0, sentinel.set)  # after the cancelled ones would have fired
         assert sentinel.wait(WAIT)
         assert not fired.is_set()
         timers.stop()
@@ -233,3 +234,83 @@ class TestMemory:
         assert grown < 64 * 1024, f"grew {grown} bytes over {cycles} cycles"
         assert sched.stats().sessions == 0
         assert sched.close(timeout=30)
+
+
+@pytest.mark.realclock
+@pytest.mark.timeout(30)
+class TestRuntimeEdges:
+    def test_a_cancelled_timer_is_not_reused(self) -> None:
+        """Re-arming asks for a parked timer; a cancelled one yields a fresh timer."""
+        timers = ThreadTimers("token-refresh-edge")
+        old = timers.reserve()
+        old.cancel()
+        new = timers.arm(60, lambda: None, old)
+        assert new is not old
+        new.cancel()
+
+    def test_a_parked_timer_gives_up_after_its_limit(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A fired timer nobody re-arms ends its thread; a later re-arm makes a new timer."""
+        monkeypatch.setattr(runtime, "_PARK_LIMIT", 0.01)
+        timers = ThreadTimers("token-refresh-edge")
+        fired = threading.Event()
+        timer = timers.arm(0, fired.set, None)
+        timers.start(timer)
+        assert fired.wait(WAIT)
+        assert isinstance(timer, runtime._SessionTimer)
+        thread = timer.thread()
+        assert thread is not None
+        thread.join(WAIT)  # it gave up waiting to be re-armed
+        assert not thread.is_alive()
+        assert timers.arm(60, lambda: None, timer) is not timer
+
+    def test_a_failing_timer_callback_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A bug in a timer callback is logged, not raised into the thread."""
+        timers = ThreadTimers("token-refresh-edge")
+        done = threading.Event()
+
+        def broken() -> None:
+            done.set()
+            raise RuntimeError("bug")
+
+        timer = timers.arm(0, broken, None)
+        timers.start(timer)
+        assert done.wait(WAIT)
+        for thread in timers.stop():
+            thread.join(WAIT)
+        assert "internal error in a timer or worker thread" in caplog.text
+
+    def test_refused_heap_thread_cancels_the_timer(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """If the heap's thread cannot start, start() raises and the timer never fires."""
+        timers = HeapTimers("token-refresh-edge")
+        timer = timers.arm(0, lambda: None, None)
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", _refuse)
+            with pytest.raises(RuntimeError):
+                timers.start(timer)
+        assert timers.stop() == []
+
+    def test_workers_survive_a_refused_thread_and_a_failing_job(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Work queued while the OS refuses threads runs later; a failing job is logged."""
+        pool = Workers("token-refresh-edge", max_workers=1, max_stuck=1)
+        ran = threading.Event()
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", _refuse)
+            assert pool.submit(lambda: None)  # queued; no worker could start
+        assert pool.abandon(threading.current_thread())  # not one of its workers: nothing to do
+
+        def broken() -> None:
+            raise RuntimeError("bug")
+
+        assert pool.submit(broken)
+        assert pool.submit(ran.set)
+        assert ran.wait(WAIT)
+        for thread in pool.close():
+            thread.join(WAIT)
+        assert "internal error in a timer or worker thread" in caplog.text
+        assert not pool.submit(ran.set)
+
+
+def _refuse(self: threading.Thread) -> None:
+    raise RuntimeError("can't start new thread")

@@ -13,10 +13,10 @@ import heapq
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -48,9 +48,6 @@ class Runtime(Protocol):
 
     def time(self) -> float:
         """Wall time, Unix seconds: decides when tokens expire."""
-
-    def monotonic(self) -> float:
-        """The clock timers count their delays on."""
 
     def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
         """Arm ``callback`` after ``delay`` (under the caller's lock: never starts a thread).
@@ -241,7 +238,7 @@ class HeapTimers:
     def reserve(self) -> None:
         return None
 
-    def start(self, timer: Timer | None = None) -> None:
+    def start(self, timer: Timer) -> None:
         """Start the heap's thread if nobody has (lock not held); cancel ``timer`` if refused."""
         with self._wakeup:
             thread = None if self._thread_started else self._thread
@@ -257,8 +254,7 @@ class HeapTimers:
             with self._wakeup:
                 self._thread = None
                 self._thread_started = False
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             raise
 
     def _cancel(self, entry: _HeapEntry) -> None:
@@ -325,81 +321,61 @@ class Workers:
     """
 
     def __init__(self, name: str, max_workers: int, max_stuck: int) -> None:
+        self.pid = os.getpid()
         self._name = name
         self._max_workers = max_workers
         self._max_stuck = max_stuck
-        self._reset()
-        _live_pools.add(self)
-
-    def _reset(self) -> None:
-        self.pid = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[Callable[[], None]] = deque()
+        # Timer threads only put() on this queue, which takes no lock of ours:
+        # thousands of them firing together do not queue on one.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._cond = threading.Condition(threading.Lock())  # for what follows
         self._threads: set[threading.Thread] = set()  # counted workers
         self._abandoned: set[threading.Thread] = set()  # hung, not counted
-        self._idle = 0
         self._running = 0
         self._closed = False
+        _live_pools.add(self)
 
     def submit(self, job: Callable[[], None]) -> bool:
+        if self._closed:
+            return False
+        self._jobs.put(job)
+        if len(self._threads) < self._max_workers:  # a full pool never takes the lock
+            self._grow()
+        return not self._closed  # closed meanwhile: close() may have missed it
+
+    def _grow(self) -> None:
+        """Start one more worker, if there is room (lock not held)."""
         with self._cond:
-            if self._closed:
-                return False
-            self._queue.append(job)
-            thread = self._new_worker()
-        if thread is not None:
-            self._start(thread)
-        return True
-
-    def _new_worker(self) -> threading.Thread | None:
-        """Wake an idle worker; make one if work outnumbers them and there is room (lock held)."""
-        if self._idle:
-            self._cond.notify()
-        if len(self._queue) <= self._idle or len(self._threads) >= self._max_workers:
-            return None
-        thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-        self._threads.add(thread)
-        self._idle += 1  # counted as idle until it takes work, so it is not made twice
-        return thread
-
-    def _start(self, thread: threading.Thread) -> None:
+            if self._closed or len(self._threads) >= self._max_workers:  # pragma: no cover
+                return  # closed, or another submitter grew it first
+            thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._threads.add(thread)
         try:
             thread.start()
         except RuntimeError:
             with self._cond:  # the OS refused; the queued work waits for another worker
                 self._threads.discard(thread)
-                self._idle -= 1
 
     def _work(self) -> None:
         me = threading.current_thread()
-        with self._cond:
-            self._idle -= 1
-            while True:
-                while not self._queue and not self._closed:
-                    self._idle += 1
-                    self._cond.wait()
-                    self._idle -= 1
-                if self._closed:
-                    break
-                job = self._queue.popleft()
+        while (job := self._jobs.get()) is not None and not self._closed:
+            with self._cond:
                 self._running += 1
-                self._cond.release()
-                try:
-                    job()
-                except BaseException:
-                    _internal_error()
-                finally:
-                    del job  # an idle worker must not keep its scheduler alive
-                    self._cond.acquire()
-                    self._running -= 1
-                    self._cond.notify_all()
+            try:
+                job()
+            except BaseException:
+                _internal_error()
+            del job  # an idle worker must not keep its scheduler alive
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
                 if me in self._abandoned:
                     self._abandoned.discard(me)
                     if len(self._threads) >= self._max_workers:
                         return  # replaced while it hung
                     self._threads.add(me)
+        with self._cond:
             self._threads.discard(me)
-            self._abandoned.discard(me)
 
     def abandon(self, worker: threading.Thread) -> bool:
         with self._cond:
@@ -409,22 +385,24 @@ class Workers:
                 return False  # too many hung: the pool shrinks instead of growing
             self._threads.discard(worker)
             self._abandoned.add(worker)
-            thread = self._new_worker() if self._queue else None
-        if thread is not None:
-            self._start(thread)
+        self._grow()
         return True
 
     def close(self) -> list[threading.Thread]:
         with self._cond:
             self._closed = True
-            # Cleared after the lock (see _SessionTimer.cancel).
-            dropped, self._queue = self._queue, deque()
-            self._cond.notify_all()
             threads = [t for t in self._threads | self._abandoned if t.ident is not None]
+            wake = len(self._threads) + len(self._abandoned)
+        dropped = []  # cleared after the lock (see _SessionTimer.cancel)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                dropped.append(self._jobs.get_nowait())
         dropped.clear()
+        for _ in range(wake):
+            self._jobs.put(None)  # one for every worker blocked in get()
         return threads
 
-    def wait_idle(self, deadline: float) -> None:
+    def wait_idle(self, deadline: float) -> None:  # pragma: no cover - called by _at_exit
         """Wait until no job is running, or until ``deadline`` (monotonic)."""
         with self._cond:
             while self._running and (left := deadline - time.monotonic()) > 0:
@@ -435,7 +413,7 @@ _live_pools: weakref.WeakSet[Workers] = weakref.WeakSet()
 
 
 @atexit.register
-def _at_exit() -> None:
+def _at_exit() -> None:  # pragma: no cover - runs at interpreter exit (TestPromptExit)
     """Drop refreshes not yet started; give running ones EXIT_GRACE seconds in all."""
     # A pool inherited through fork() counts work whose threads this process never had.
     pools = [pool for pool in list(_live_pools) if pool.pid == os.getpid()]
@@ -468,9 +446,6 @@ class ThreadRuntime:
 
     def time(self) -> float:
         return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
     def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
         return self._timers.arm(delay, callback, reuse)
@@ -519,9 +494,6 @@ class ManualRuntime:
 
     def time(self) -> float:
         return self._clock.time()
-
-    def monotonic(self) -> float:
-        return self._clock.monotonic()
 
     def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
         return self._clock.call_later(delay, callback)

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -20,7 +21,7 @@ from typing import Any, Literal
 from . import events
 from ._context import refreshing
 from ._format import fingerprint, format_duration, format_instant, format_seconds
-from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._jwt import decode_jwt_expiry
 from ._runtime import ManualRuntime, Runtime, ThreadRuntime, Timer
 from .testing import ManualClock
 
@@ -92,12 +93,48 @@ class _Pending:
 class _Delivery:
     """An on_refresh call in progress for a session, and the result due after it."""
 
-    __slots__ = ("generation", "next", "owner")
+    __slots__ = ("generation", "next")
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
-        self.owner = threading.get_ident()
         self.next: tuple[_Pending, str] | None = None
+
+
+class _Outcome:
+    """What a finished refresh did to its session, for _announce() to report."""
+
+    __slots__ = (
+        "current",
+        "delivery",
+        "error_type",
+        "failures",
+        "kind",
+        "pending",
+        "retry",
+        "session_id",
+        "stale_next",
+        "token",
+    )
+
+    def __init__(
+        self, session_id: str, pending: _Pending, token: str | None, error_type: str | None
+    ) -> None:
+        self.session_id, self.pending, self.token, self.error_type = (
+            session_id,
+            pending,
+            token,
+            error_type,
+        )
+        self.kind: Literal["stale", "gave up", "failed", "deliver", "handed"] = "stale"
+        self.current: int | None = None
+        self.failures = 0
+        self.retry: _Pending | None = None
+        self.delivery: _Delivery | None = None
+        self.stale_next: tuple[_Pending, str] | None = None
+
+
+# A JWS or JWE: a base64url JSON header ("eyJ" is '{"') and then a dot.
+_JOSE_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.")
 
 
 class _SessionId:
@@ -110,8 +147,8 @@ class _SessionId:
 
     def __str__(self) -> str:
         value = self.value
-        looks_like_jwt = value.count(".") == 2 and decode_jwt_payload(value) is not None
-        return fingerprint(value) if looks_like_jwt or value.startswith("sk-ant-si-") else value
+        secret = "sk-ant-si-" in value or _JOSE_SHAPE.search(value) is not None
+        return fingerprint(value) if secret else value
 
 
 def _seconds(value: object, name: str) -> float:
@@ -133,8 +170,12 @@ def _wait_limit(timeout: object, name: str = "timeout") -> float | None:
     """A wait's bound in seconds: None for ever (None, or too long for threading to wait)."""
     if timeout is None:
         return None
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout == math.inf:
-        return None
+    if (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and timeout > _LONGEST_WAIT
+    ):
+        return None  # infinity, or an int too large for a float, included
     seconds = _seconds(timeout, name)
     if seconds < 0:
         raise ValueError(f"{name} must not be negative, not {seconds!r}")
@@ -263,6 +304,7 @@ class Scheduler:
         self._delivering: dict[str, _Delivery] = {}
         self._in_callback = threading.local()
         self._counter_lock = threading.Lock()
+        self._hung: dict[str, int] = {}  # session id -> its calls hung past fetch_timeout
         self._refreshes = self._failed_attempts = self._give_ups = 0
         self._running = self._stuck = 0
 
@@ -344,7 +386,7 @@ class Scheduler:
         if self._fork_dropped:
             with self._lock:
                 dropped, self._fork_dropped = self._fork_dropped, 0
-            if dropped:
+            if dropped:  # pragma: no branch - else another thread reported it first
                 self._say(
                     logging.WARNING,
                     "Forked: %d session(s) scheduled in the parent process are not refreshed "
@@ -506,25 +548,32 @@ class Scheduler:
 
     def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
         """Give the session a new generation and timer; return the timer."""
-        with self._lock:
-            self._check_open()
-            pending = self._pending(next(self._generation_counter), delay, reason)
-            try:
-                # Armed and started before anything is touched: if the OS
-                # refuses a thread, the session keeps the timer it had.
-                self._arm(session_id, pending, None)
+        # The thread backend's timer thread is started parked, before the lock
+        # is taken (a start waits for the new thread to get the GIL), and armed
+        # under it. If the OS refuses a thread, the session keeps what it had.
+        spare = self._runtime.reserve()
+        try:
+            if spare is not None:
+                self._runtime.start(spare)
+            with self._lock:
+                self._check_open()
+                pending = self._pending(next(self._generation_counter), delay, reason)
+                self._arm(session_id, pending, spare)
                 assert pending.timer is not None
-                self._runtime.start(pending.timer)
-            except RuntimeError as error:
-                pending.release()
-                raise RuntimeError(
-                    f"cannot arm a refresh timer for session {str(_SessionId(session_id))!r} "
-                    f"({error}); its existing timer is kept"
-                ) from error
-            self._drop_timer(session_id)
-            self._generations[session_id] = pending.generation
-            self._timers[session_id] = pending
-            return pending
+                self._runtime.start(pending.timer)  # a no-op for the timer started above
+                self._drop_timer(session_id)
+                self._generations[session_id] = pending.generation
+                self._timers[session_id] = pending
+                return pending
+        except RuntimeError as error:
+            if spare is not None:
+                spare.cancel()
+            if isinstance(error, SchedulerClosedError):
+                raise
+            raise RuntimeError(
+                f"cannot arm a refresh timer for session {str(_SessionId(session_id))!r} "
+                f"({error}); its existing timer is kept"
+            ) from error
 
     def _replace_for_immediate_refresh(self, session_id: str) -> _Pending:
         """Give the session a new generation and no timer; return the refresh to start."""
@@ -612,8 +661,9 @@ class Scheduler:
     def _await_deliveries(self, session_ids: list[str], limit: float | None) -> bool:
         """Wait (lock held) until the on_refresh calls now running for these sessions end.
 
-        Never from inside a callback or on the thread delivering (a log handler
-        there, say): waiting on ourselves, or on a callback waiting on us,
+        Never from inside a callback or anywhere else on the scheduler's own
+        threads (a log handler there, say), which includes the thread that
+        delivers: waiting on ourselves, or on a callback waiting on us,
         deadlocks. Returns False if one still runs.
         """
         running = {
@@ -631,8 +681,6 @@ class Scheduler:
 
         if not running or self._inside_callback():
             return done()
-        if any(delivery.owner == threading.get_ident() for delivery, _ in running.values()):
-            return False
         deadline = None if limit is None else time.monotonic() + limit
         while not done():
             left = None if deadline is None else deadline - time.monotonic()
@@ -750,18 +798,13 @@ class Scheduler:
     # -- refreshing ---------------------------------------------------------
 
     def _timer_fired(self, session_id: str, pending: _Pending) -> None:
-        with self._lock:
-            current = self._timers.get(session_id) is pending
-            if current:
-                del self._timers[session_id]
-        if current:
-            self._start_refresh(session_id, pending)
-        else:
-            pending.release()  # cancelled or replaced after its timer could be stopped
+        # No lock here: thousands of timer threads firing together would queue
+        # on it. The worker checks that the refresh is still wanted.
+        self._start_refresh(session_id, pending, fired=True)
 
-    def _start_refresh(self, session_id: str, pending: _Pending) -> None:
-        """Run the refresh on a worker (inline on a ManualClock)."""
-        if not self._runtime.submit(lambda: self._refresh(session_id, pending)):
+    def _start_refresh(self, session_id: str, pending: _Pending, *, fired: bool = False) -> None:
+        """Run the refresh on a worker (inline on a ManualClock); ``fired``: by its timer."""
+        if not self._runtime.submit(lambda: self._refresh(session_id, pending, fired)):
             pending.release()
             self._say(
                 logging.DEBUG,
@@ -769,28 +812,46 @@ class Scheduler:
                 _SessionId(session_id),
             )
 
-    def _refresh(self, session_id: str, pending: _Pending) -> None:
+    def _refresh(self, session_id: str, pending: _Pending, fired: bool) -> None:
         """A worker's job: call get_access_token, bounded by fetch_timeout, then complete."""
         with self._working():
+            if fired:
+                with self._lock:
+                    fresh = self._timers.get(session_id) is pending
+                    if fresh:
+                        del self._timers[session_id]  # no longer pending: running
+            else:
+                # A read without the lock (one contended acquisition less per
+                # refresh); _settle() checks again under it.
+                fresh = self._generations.get(session_id) == pending.generation
+            if not fresh:
+                pending.release()  # cancelled or replaced before it started: never called
+                return
             self._report(events.RefreshStarted, session_id, logging.DEBUG, None)
+            if session_id in self._hung:
+                self._say(
+                    logging.ERROR,
+                    "get_access_token for sessionId=%s still runs from an earlier attempt; "
+                    "not called again",
+                    _SessionId(session_id),
+                )
+                self._complete(session_id, pending, None, "timeout")
+                return
             # Whoever acquires it first settles the attempt: this worker with a
             # result, or the watchdog with a timeout. The other does nothing.
             settled = threading.Lock()
             worker = threading.current_thread()
 
             def timed_out() -> None:
-                if not settled.acquire(blocking=False):
-                    return  # the call returned first
-                self._count(stuck=1)
-                if not self._runtime.abandon(worker):  # else a new worker serves the others
-                    self._say(
-                        logging.WARNING,
-                        "%d get_access_token calls are hung past fetch_timeout; no more "
-                        "workers are added, so refreshes wait for one to return",
-                        self._stuck,
-                    )
-                # Completed here, on the watchdog's thread: every worker may be hung.
-                self._complete(session_id, pending, None, "timeout")
+                if not settled.acquire(blocking=False):  # pragma: no cover - a narrow race
+                    return  # the call returned just before its watch was cancelled
+                self._count(stuck=1, hung=session_id)
+                replaced = self._runtime.abandon(worker)  # a new worker serves the others
+                # Settled here, on the watchdog's thread, so the retry is armed on
+                # time even if every worker hangs; reported (user code: on_event,
+                # log handlers) on a worker, so nothing can block the watchdog.
+                outcome = self._settle(session_id, pending, None, "timeout")
+                self._runtime.submit(lambda: self._announce_on_worker(outcome, replaced))
 
             watch = (
                 None
@@ -803,7 +864,7 @@ class Scheduler:
                 if watch is not None:
                     watch.cancel()
             if not settled.acquire(blocking=False):
-                self._count(stuck=-1)
+                self._count(stuck=-1, hung=session_id)
                 self._say(
                     logging.WARNING,
                     "get_access_token for sessionId=%s returned after fetch_timeout; "
@@ -816,6 +877,17 @@ class Scheduler:
                 self._complete(session_id, pending, token, error_type)
             else:
                 self._runtime.then(lambda: self._complete(session_id, pending, token, error_type))
+
+    def _announce_on_worker(self, outcome: _Outcome, replaced: bool) -> None:
+        with self._working():
+            if not replaced:
+                self._say(
+                    logging.WARNING,
+                    "%d get_access_token calls are hung past fetch_timeout; no more "
+                    "workers are added, so refreshes wait for one to return",
+                    self._stuck,
+                )
+            self._announce(outcome)
 
     def _fetch(self, session_id: str) -> tuple[str | None, str | None, bool]:
         """Call get_access_token: the token (None if none), any error's type, and if it raised."""
@@ -849,87 +921,98 @@ class Scheduler:
     ) -> None:
         """Count a failure and arm its retry, or deliver the token (or hand it over)."""
         with self._working():
-            retry = stale_next = mine = None
-            armed = False
-            with self._lock:
-                current = self._generations.get(session_id)
-                if current != pending.generation:
-                    outcome = "stale"
-                elif token is None:
-                    failures = self._failures.get(session_id, 0) + 1
-                    self._failures[session_id] = failures
-                    self._failed_attempts += 1
-                    if failures >= MAX_REFRESH_FAILURES:
-                        self._end_chain(session_id)
-                        outcome = "gave up"
-                    else:
-                        retry = self._arm_next(session_id, pending, self._retry_delay, "retry")
-                        outcome = "failed"
-                        armed = True
+            self._announce(self._settle(session_id, pending, token, error_type))
+
+    def _settle(
+        self, session_id: str, pending: _Pending, token: str | None, error_type: str | None
+    ) -> _Outcome:
+        """Apply a refresh's result to the session's state; no user code runs here."""
+        outcome = _Outcome(session_id, pending, token, error_type)
+        armed = False
+        with self._lock:
+            outcome.current = self._generations.get(session_id)
+            if outcome.current != pending.generation:
+                outcome.kind = "stale"
+            elif token is None:
+                outcome.failures = self._failures.get(session_id, 0) + 1
+                self._failures[session_id] = outcome.failures
+                self._failed_attempts += 1
+                if outcome.failures >= MAX_REFRESH_FAILURES:
+                    self._end_chain(session_id)
+                    outcome.kind = "gave up"
                 else:
-                    self._failures.pop(session_id, None)
-                    delivery = self._delivering.get(session_id)
-                    if delivery is None:
-                        # Marked here, unmarked by _deliver()'s finally.
-                        self._delivering[session_id] = mine = _Delivery(pending.generation)
-                        self._refreshes += 1
-                        outcome = "deliver"
-                    else:
-                        # An older generation's on_refresh is running: its thread
-                        # delivers this one next. No worker waits for it.
-                        stale_next, delivery.next = delivery.next, (pending, token)
-                        outcome = "handed"
-            if armed and not self._launch(session_id, pending, retry):
-                retry = None
-            if outcome in ("stale", "gave up"):
-                pending.release()
-            if stale_next is not None:
-                stale_next[0].release()
-                self._report_stale(session_id, stale_next[0].generation, pending.generation)
-            if outcome == "stale":
-                self._report_stale(session_id, pending.generation, current)
-                return
-            if mine is not None:
-                assert token is not None
-                self._deliver(session_id, mine, pending, token)
-                return
-            if outcome == "handed":
-                return
-            timed_out = error_type == "timeout"
-            if timed_out:
-                self._say(
-                    logging.ERROR,
-                    "get_access_token timed out after %ss for sessionId=%s",
-                    _Lazy(lambda: format_seconds(self._fetch_timeout or 0)),
-                    _SessionId(session_id),
-                )
-            # A timeout is reported as RefreshTimedOut, a kind of RefreshFailed, instead of it.
-            extra = {"timeout": self._fetch_timeout} if timed_out else {}
+                    outcome.retry = self._arm_next(session_id, pending, self._retry_delay, "retry")
+                    outcome.kind = "failed"
+                    armed = True
+            else:
+                self._failures.pop(session_id, None)
+                delivery = self._delivering.get(session_id)
+                if delivery is None:
+                    # Marked here, unmarked by _deliver()'s finally.
+                    self._delivering[session_id] = outcome.delivery = _Delivery(pending.generation)
+                    self._refreshes += 1
+                    outcome.kind = "deliver"
+                else:
+                    # An older generation's on_refresh is running: its thread
+                    # delivers this one next. No worker waits for it.
+                    outcome.stale_next, delivery.next = delivery.next, (pending, token)
+                    outcome.kind = "handed"
+        if armed and not self._launch(session_id, pending, outcome.retry):
+            outcome.retry = None
+        if outcome.kind in ("stale", "gave up"):
+            pending.release()
+        _release_handed(outcome.stale_next)
+        return outcome
+
+    def _announce(self, outcome: _Outcome) -> None:
+        """Report what _settle() did, and deliver the token if it has one to deliver."""
+        session_id, pending = outcome.session_id, outcome.pending
+        if outcome.stale_next is not None:
+            self._report_stale(session_id, outcome.stale_next[0].generation, pending.generation)
+        if outcome.kind == "stale":
+            self._report_stale(session_id, pending.generation, outcome.current)
+            return
+        if outcome.delivery is not None:
+            assert outcome.token is not None
+            self._deliver(session_id, outcome.delivery, pending, outcome.token)
+            return
+        if outcome.kind == "handed":
+            return
+        timed_out = outcome.error_type == "timeout"
+        if timed_out:
+            self._say(
+                logging.ERROR,
+                "get_access_token timed out after %ss for sessionId=%s",
+                _Lazy(lambda: format_seconds(self._fetch_timeout or 0)),
+                _SessionId(session_id),
+            )
+        # A timeout is reported as RefreshTimedOut, a kind of RefreshFailed, instead of it.
+        extra = {"timeout": self._fetch_timeout} if timed_out else {}
+        self._report(
+            events.RefreshTimedOut if timed_out else events.RefreshFailed,
+            session_id,
+            logging.ERROR,
+            "No access token available for refresh, sessionId=%s (failure %s/%s)",
+            _SessionId(session_id),
+            outcome.failures,
+            MAX_REFRESH_FAILURES,
+            attempt=outcome.failures,
+            max_attempts=MAX_REFRESH_FAILURES,
+            error_type="TimeoutError" if timed_out else outcome.error_type,
+            **extra,
+        )
+        if outcome.kind == "gave up":
             self._report(
-                events.RefreshTimedOut if timed_out else events.RefreshFailed,
+                events.GaveUp,
                 session_id,
                 logging.ERROR,
-                "No access token available for refresh, sessionId=%s (failure %s/%s)",
+                "Giving up on sessionId=%s after %s consecutive failures",
                 _SessionId(session_id),
-                failures,
-                MAX_REFRESH_FAILURES,
-                attempt=failures,
-                max_attempts=MAX_REFRESH_FAILURES,
-                error_type="TimeoutError" if timed_out else error_type,
-                **extra,
+                outcome.failures,
+                failures=outcome.failures,
             )
-            if outcome == "gave up":
-                self._report(
-                    events.GaveUp,
-                    session_id,
-                    logging.ERROR,
-                    "Giving up on sessionId=%s after %s consecutive failures",
-                    _SessionId(session_id),
-                    failures,
-                    failures=failures,
-                )
-            elif retry is not None:
-                self._report_next(session_id, retry)
+        elif outcome.retry is not None:
+            self._report_next(session_id, outcome.retry)
 
     def _deliver(self, session_id: str, delivery: _Delivery, pending: _Pending, token: str) -> None:
         """Call on_refresh, then any newer result handed over meanwhile; arm the follow-up.
@@ -988,18 +1071,22 @@ class Scheduler:
         finally:
             if not finished:  # left by an exception: unmark all the same
                 with self._lock:
-                    if self._delivering.get(session_id) is delivery:
-                        del self._delivering[session_id]
-                        if delivery.next is not None:
-                            delivery.next[0].release()
+                    del self._delivering[session_id]
                     self._delivered.notify_all()
+                _release_handed(delivery.next)
 
-    def _count(self, *, running: int = 0, stuck: int = 0) -> None:
+    def _count(self, *, running: int = 0, stuck: int = 0, hung: str | None = None) -> None:
         # Not the scheduler's lock: under contention every acquisition of it
         # costs a worker a GIL switch interval (5 ms).
         with self._counter_lock:
             self._running += running
             self._stuck += stuck
+            if hung is not None:  # a session with a call hung past fetch_timeout
+                left = self._hung.get(hung, 0) + stuck
+                if left:
+                    self._hung[hung] = left
+                else:
+                    del self._hung[hung]
 
     def _call_on_refresh(self, session_id: str, token: str) -> None:
         self._count(running=1)
@@ -1018,6 +1105,12 @@ class Scheduler:
             )
         finally:
             self._count(running=-1)
+
+
+def _release_handed(handed: tuple[_Pending, str] | None) -> None:
+    """Free the timer of a result handed to a delivery that will not deliver it."""
+    if handed is not None:
+        handed[0].release()
 
 
 class _Lazy:
