@@ -96,7 +96,16 @@ class _SessionTimer:
     refreshes would serialise on that).
     """
 
-    __slots__ = ("__weakref__", "_callback", "_deadline", "_owner", "_state", "_thread", "_wake")
+    __slots__ = (
+        "__weakref__",
+        "_callback",
+        "_deadline",
+        "_owner",
+        "_state",
+        "_thread",
+        "_wake",
+        "_wakes_at",
+    )
 
     def __init__(
         self, owner: ThreadTimers, deadline: float | None, callback: Callable[[], None] | None
@@ -106,6 +115,7 @@ class _SessionTimer:
         self._deadline = deadline
         self._callback = callback
         self._state = "armed" if callback is not None else "parked"  # or "done"
+        self._wakes_at = 0.0  # when the thread wakes by itself (monotonic)
         self._thread = threading.Thread(target=self._run, name=owner.name, daemon=True)
 
     def start(self) -> None:
@@ -132,20 +142,27 @@ class _SessionTimer:
             if self._state != "parked":
                 return False
             self._state, self._deadline, self._callback = "armed", deadline, callback
-            self._wake.notify()
+            if deadline < self._wakes_at:
+                # Else it wakes before the deadline anyway and sees it: a
+                # follow-up re-armed in a storm costs no extra thread wake-up.
+                self._wake.notify()
             return True
 
     def _run(self) -> None:
         with self._wake:
             while self._state != "done":
+                now = time.monotonic()
                 if self._state == "parked":
+                    self._wakes_at = now + _PARK_LIMIT
                     if not self._wake.wait(_PARK_LIMIT) and self._state == "parked":
                         self._state = "done"
                     continue
                 assert self._deadline is not None
-                remaining = self._deadline - time.monotonic()
+                remaining = self._deadline - now
                 if remaining > 0:
-                    self._wake.wait(min(remaining, threading.TIMEOUT_MAX))
+                    wait = min(remaining, threading.TIMEOUT_MAX)
+                    self._wakes_at = now + wait
+                    self._wake.wait(wait)
                     continue
                 callback, self._callback, self._state = self._callback, None, "parked"
                 assert callback is not None
