@@ -1,7 +1,7 @@
 """One measurement in a fresh process: ``python benchmarks/_worker.py '<json spec>'``.
 
-The spec names a phase (``probe``, ``ops`` or ``lateness``), a contender and
-N. The result is one JSON object on the last line of stdout. The process ends
+The spec names a phase (``probe``, ``ops``, ``lateness`` or ``storm``), a
+contender and N. The result is one JSON object on the last line of stdout. The process ends
 with ``os._exit`` so that thousands of leftover timer threads cannot make
 interpreter shutdown slow; ``faulthandler`` dumps the stacks if a phase hangs
 past the spec's ``timeout`` (the parent kills it a little later).
@@ -70,8 +70,24 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[max(0, min(len(sorted_values) - 1, rank))]
 
 
-def make(name: str, on_fire: FireCallback | None) -> Contender:
-    return CONTENDERS[name].factory(on_fire)
+def make(name: str, on_fire: FireCallback | None, *, at_delivery: bool = False) -> Contender:
+    """Build a contender; ``at_delivery``: ``on_fire`` marks the token's delivery."""
+    entry = CONTENDERS[name]
+    if at_delivery and on_fire is not None and entry.delivered is not None:
+        return entry.delivered(on_fire)
+    return entry.factory(on_fire)
+
+
+def thread_cpu_ns(threads: Sequence[threading.Thread]) -> int:
+    """CPU time the given threads have run, from /proc's schedstat (ns; ended threads: 0)."""
+    total = 0
+    for thread in threads:
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 class ThreadLimit(Exception):
@@ -145,6 +161,7 @@ def run_ops(spec: Result) -> Result:
 
     gc.collect()
     threads_before = os_threads()
+    idents_before = {thread.ident for thread in threading.enumerate()}
     contender = make(name, None)
     result["backend"] = getattr(contender, "backend", None)
     for i in range(16):  # first-call costs (a lazily started thread, say) are not per session
@@ -175,12 +192,19 @@ def run_ops(spec: Result) -> Result:
                 result["threads_after"] = threads_after = os_threads()
                 result["python_threads_after"] = threading.active_count()
                 result["threads_added"] = threads_after - threads_before
+                # The scheduler's own threads, and the whole process (read inside
+                # the threads' window, so reading /proc is not in theirs).
+                mine = [t for t in threading.enumerate() if t.ident not in idents_before]
+                threads0 = thread_cpu_ns(mine)
                 cpu0, switches0 = cpu_seconds()
                 time.sleep(idle)
                 cpu1, switches1 = cpu_seconds()
+                threads1 = thread_cpu_ns(mine)
                 result["idle_seconds"] = idle
                 result["idle_cpu_seconds"] = cpu1 - cpu0
                 result["idle_switches"] = switches1 - switches0
+                result["idle_scheduler_threads"] = len(mine)
+                result["idle_scheduler_cpu_seconds"] = (threads1 - threads0) / 1e9
             timers["reschedule"].run(reschedule, rng.sample(range(n), n))
             timers["cancel"].run(cancel, rng.sample(range(n), n))
         for op, timer in timers.items():
@@ -239,6 +263,9 @@ def lateness_stats(view: Sequence[float], n: int) -> Result:
         if not math.isnan(fired)
     )
     fired = len(late_ms)
+    within_5s = sum(1 for late in late_ms if late <= 5000)
+    dues = view[start : start + n]
+    fires = [fired for fired in view[start + n : start + 2 * n] if not math.isnan(fired)]
     late_ms += [math.inf] * (n - fired)  # a refresh that never ran is infinitely late
     return {
         "fired": fired,
@@ -247,6 +274,9 @@ def lateness_stats(view: Sequence[float], n: int) -> Result:
         "p99_ms": percentile(late_ms, 0.99),
         "max_ms": late_ms[-1] if late_ms else math.nan,
         "min_ms": late_ms[0] if late_ms else math.nan,
+        "within_5s": within_5s / n if n else math.nan,
+        # From the first due time to the last fire (or delivery) that happened.
+        "last_after_first_due_s": max(fires) - min(dues) if fires and n else math.nan,
     }
 
 
@@ -263,8 +293,13 @@ def lateness_from_file(path: str, n: int) -> Result:
 
 
 def run_lateness(spec: Result) -> Result:
-    """Firing lateness for N sessions due at random instants within ``window`` seconds."""
+    """Firing lateness for N sessions due at random instants within ``window`` seconds.
+
+    The ``storm`` phase is the same run, timed where each token is delivered
+    (``on_refresh``, for token_refresh) rather than where its refresh starts.
+    """
     name, n = spec["contender"], int(spec["n"])
+    at_delivery = spec["phase"] == "storm"
     window, busy, lead = float(spec["window"]), bool(spec["busy"]), float(spec["lead"])
     rng = random.Random(spec.get("seed", 2))
     ids = [f"session-{i:06d}" for i in range(n)]
@@ -282,7 +317,7 @@ def run_lateness(spec: Result) -> Result:
             all_fired.set()
 
     threads_before = os_threads()
-    contender = make(name, on_fire)
+    contender = make(name, on_fire, at_delivery=at_delivery)
     gc.collect()
     sample = time.perf_counter()
     for _ in range(200):
@@ -292,7 +327,7 @@ def run_lateness(spec: Result) -> Result:
     dues = [base + offset for offset in offsets]
     log.set_dues(dues)
     tokens = [mint_jwt(due) for due in dues]
-    result: Result = {"phase": "lateness", "contender": name, "n": n, "busy": busy}
+    result: Result = {"phase": spec["phase"], "contender": name, "n": n, "busy": busy}
     result["window"] = window
     started = time.time()
     try:
@@ -327,8 +362,11 @@ def run_lateness(spec: Result) -> Result:
     result.update(lateness_stats(view, n))
     result["missed"] = getattr(contender, "missed", 0)
     closer = threading.Thread(target=contender.close, daemon=True)
+    began = time.perf_counter()
     closer.start()
-    closer.join(10)
+    closer.join(float(spec.get("close_limit", 10.0)))
+    result["close_seconds"] = time.perf_counter() - began
+    result["closed"] = not closer.is_alive()
     return result
 
 
@@ -350,6 +388,7 @@ PHASES: dict[str, Callable[[Result], Result]] = {
     "probe": run_probe,
     "ops": run_ops,
     "lateness": run_lateness,
+    "storm": run_lateness,
 }
 
 

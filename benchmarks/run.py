@@ -6,13 +6,17 @@
                                         # one-thread contenders only
     python benchmarks/run.py --smoke    # N=100 only, < 30 s, for CI; exit 1 if a
                                         # contender cannot run or a worker fails
+    python benchmarks/run.py --storm    # only the storm rows, 3-6 minutes: 1,000 /
+                                        # 5,000 / 10,000 refreshes due within 1 s;
+                                        # rewrites that one section of --out
     python benchmarks/run.py --json results.json   # also keep the raw numbers
     python benchmarks/run.py --render results.json # rewrite the report from them
 
 Needs ``pip install ".[bench]"`` (APScheduler 3, matplotlib). Every
 measurement runs in a fresh ``benchmarks/_worker.py`` process, sizes in the
 outer loop and contenders in the inner one, so that a noisy minute on a
-shared machine hits every contender alike. The report (``--out``, default
+shared machine hits every contender alike. The full run ends with the
+storm rows (many refreshes due at once, timed at delivery). The report (``--out``, default
 docs/performance.md, with docs/_static/performance.png) gives ratios between
 contenders measured in the same run, never times across runs.
 """
@@ -35,13 +39,20 @@ from pathlib import Path
 from typing import Any
 
 from _contenders import CONTENDERS
-from _report import write_chart, write_markdown
+from _report import STORM_HEADING, splice_section, storm_section, write_chart, write_markdown
 from _worker import lateness_from_file
 
 Result = dict[str, Any]
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "_worker.py"
+
+#: The storm rows: N refreshes due within STORM_WINDOW seconds, delivered.
+STORM_SIZES = [1000, 5000, 10_000]
+STORM_CONTENDERS = ["token_refresh[thread]", "token_refresh[heap]", "bare Timer"]
+STORM_WINDOW = 1.0
+#: Seconds after the window that a storm run waits for the last deliveries.
+STORM_DRAIN = 15.0
 
 
 def run_worker(spec: Result, timeout: float, salvage: Callable[[], Result] | None = None) -> Result:
@@ -153,6 +164,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle", type=float, help="seconds of idle CPU measurement (default 10)")
     parser.add_argument("--window", type=float, help="seconds the N refreshes fall due within")
     parser.add_argument("--lateness-sizes", help="comma-separated N for the lateness runs")
+    parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="only the storm rows (N due within 1 s, timed at delivery); "
+        "splice their section into --out",
+    )
+    parser.add_argument(
+        "--storm-sizes", help="comma-separated N for the storm rows (default 1000,5000,10000)"
+    )
     parser.add_argument("--out", type=Path, help="Markdown report (default docs/performance.md)")
     parser.add_argument("--chart", type=Path, help="PNG (default docs/_static/performance.png)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -168,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         saved: Result = json.loads(args.render.read_text())
         out = args.out or ROOT / "docs" / "performance.md"
         chart = args.chart or (out.parent / "_static" / (out.stem + ".png"))
+        if "runs" not in saved:  # a --storm run: its section only
+            splice_section(out, STORM_HEADING, storm_section(saved))
+            print(f"rewrote the storm section of {out} from {args.render}", file=sys.stderr)
+            return 0
         chart.parent.mkdir(parents=True, exist_ok=True)
         write_chart(saved, chart)
         write_markdown(saved, out, chart)
@@ -177,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.now(UTC)
     load_before = os.getloadavg()
     sizes = [100, 1000, 10_000, 100_000]
+    storm_sizes = parse_sizes(args.storm_sizes) if args.storm_sizes else STORM_SIZES
+    storm_modes: tuple[str, ...] = ("calm", "busy")
     if args.smoke:
+        # The storm path at N=100, calm only: CI checks that it runs, in under 30 s in all.
+        storm_sizes = parse_sizes(args.storm_sizes) if args.storm_sizes else [100]
+        storm_modes = ("calm",)
         sizes, lateness_sizes, idle, window, max_rounds = [100], [100], 0.3, 0.5, 5
         out = args.out or Path(tempfile.gettempdir()) / "token_refresh_smoke" / "performance.md"
     elif args.quick:
+        if not args.storm:
+            storm_sizes = []  # --storm runs them alone
         lateness_sizes, idle, window, max_rounds = [10_000], 2.0, 2.0, 5
         out = args.out or ROOT / "docs" / "performance.md"
     else:
@@ -205,9 +236,29 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"  {name:22} {probe.get(name, '?')}", file=sys.stderr)
     available = [name for name in names if str(probe.get(name, "")).startswith("ok")]
+    storm_names = list(names if args.contenders else STORM_CONTENDERS)
+    scratch = Path(tempfile.mkdtemp(prefix="token_refresh_bench_"))
+    storm_window = STORM_WINDOW if not args.smoke else 0.5
+    storm_drain = STORM_DRAIN if not args.smoke else 2.0
+
+    def storm() -> Result:
+        return run_storm(
+            [name for name in storm_names if name in available],
+            storm_sizes,
+            storm_modes,
+            scratch,
+            window=storm_window,
+            drain=storm_drain,
+            lead=0.25 if args.smoke else 0.5,
+        )
+
+    if args.storm:
+        proc_loadavg_before = read_first_line("/proc/loadavg")
+        return storm_only(
+            proc_loadavg_before, args, argv, out, began, started_at, load_before, probe, storm
+        )
 
     runs: dict[str, dict[str, Result]] = {name: {} for name in names}
-    scratch = Path(tempfile.mkdtemp(prefix="token_refresh_bench_"))
     for n in sizes:
         for name in available:
             cell: Result = {}
@@ -232,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell["calm"] = cell["busy"] = {"skipped": "the ops run did not hold N sessions"}
                 continue
             # Time to mint and schedule N before the first is due, with room to spare.
-            lead = 1.0 + 1.5 * float(ops["schedule"]["seconds"])
+            lead = (0.25 if args.smoke else 1.0) + 1.5 * float(ops["schedule"]["seconds"])
             drain = max(3.0, n * 1e-4)  # after the window, for stragglers
             # Setup, the lead, the window, the drain, then close() (10 s at most).
             limit = 15 + lead + n * 2e-5 + window + drain + 10
@@ -248,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 cell[mode] = lateness
                 report_progress(name, n, mode, lateness)
 
+    storm_load_before = os.getloadavg()
+    storm_runs = storm() if storm_sizes else {}
+    storm_load_after = os.getloadavg()
     shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - began
     command = "python benchmarks/run.py" + "".join(
@@ -273,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": {name: CONTENDERS[name].description for name in names},
         "runs": runs,
     }
+    if storm_runs:
+        results["storm"] = storm_runs
+        results["meta"].update(
+            storm_sizes=storm_sizes,
+            storm_window=storm_window,
+            storm_drain=storm_drain,
+            storm_load_before=storm_load_before,
+            storm_load_after=storm_load_after,
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     write_chart(results, chart)
     write_markdown(results, out, chart)
     print(f"wrote {out} and {chart} in {elapsed:.0f} s", file=sys.stderr)
-    broken = [
-        f"{name} N={n} {phase}: {result['error']}"
-        for name, cells in runs.items()
-        for n, cell in cells.items()
-        for phase, result in cell.items()
-        if "error" in result
-    ]
+    broken = errors(runs) + errors(storm_runs, "storm ")
     for line in broken:
         print("ERROR", line, file=sys.stderr)
     missing = [name for name in names if name not in available]
@@ -294,6 +351,108 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unavailable contenders: {missing}", file=sys.stderr)
     # In CI (--smoke) a contender that cannot run is a failure: install ".[bench]".
     return 1 if broken or (args.smoke and missing) else 0
+
+
+def errors(runs: Result, prefix: str = "") -> list[str]:
+    """One line per worker that failed, from runs[name][n][phase]."""
+    return [
+        f"{name} N={n} {prefix}{phase}: {result['error']}"
+        for name, cells in runs.items()
+        for n, cell in cells.items()
+        for phase, result in cell.items()
+        if "error" in result
+    ]
+
+
+def run_storm(
+    names: list[str],
+    sizes: list[int],
+    modes: tuple[str, ...],
+    scratch: Path,
+    *,
+    window: float,
+    drain: float,
+    lead: float,
+) -> Result:
+    """N refreshes due within ``window`` s, timed at delivery: runs[name][n][mode].
+
+    Sizes outer, contenders inner, each run in a fresh worker bounded by its
+    timeout; a worker whose main thread never gets the GIL back is salvaged
+    from its fire log.
+    """
+    runs: dict[str, dict[str, Result]] = {name: {} for name in names}
+    for n in sizes:
+        for name in names:
+            cell: Result = {}
+            runs[name][str(n)] = cell
+            # All N must be armed before the first is due, or the storm starts while
+            # the main thread is still scheduling and both slow down: starting a
+            # thread per session took 0.5-1.3 ms each here once thousands were up,
+            # and up to 3 ms on a loaded machine: hence twice the calm figure.
+            scheduling = n * (2e-3 if CONTENDERS[name].thread_per_session else 5e-5)
+            for mode in modes:
+                log = str(scratch / f"storm-log-{name}-{n}-{mode}".replace(" ", "-"))
+                spec = {"phase": "storm", "contender": name, "n": n, "window": window}
+                spec.update(busy=mode == "busy", lead=lead + scheduling, drain=drain, log=log)
+                spec.update(close_limit=5.0)
+                limit = 15 + lead + scheduling + window + drain + 5
+                load = os.getloadavg()[0]
+                storm = run_worker(
+                    spec, timeout=limit, salvage=functools.partial(lateness_from_file, log, n)
+                )
+                storm.update(contender=name, n=n, busy=mode == "busy", load_1min_before=load)
+                Path(log).unlink(missing_ok=True)
+                cell[mode] = storm
+                report_progress(name, n, "storm " + mode, storm)
+    return runs
+
+
+def storm_only(
+    proc_loadavg_before: str,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    out: Path,
+    began: float,
+    started_at: datetime,
+    load_before: tuple[float, float, float],
+    probe: Result,
+    storm: Callable[[], Result],
+) -> int:
+    """``--storm``: run the storm rows alone and rewrite only their section of ``out``."""
+    runs = storm()
+    elapsed = time.perf_counter() - began
+    command = "python benchmarks/run.py" + "".join(
+        f" {arg}" for arg in (argv if argv is not None else sys.argv[1:])
+    )
+    results: Result = {
+        "meta": {
+            "started": started_at.strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command,
+            "elapsed": elapsed,
+            "machine": describe_machine(),
+            "versions": versions(),
+            "storm_load_before": load_before,
+            "storm_load_after": os.getloadavg(),
+            # With the running/total thread counts, which the averages lag behind.
+            "storm_proc_loadavg": [proc_loadavg_before, read_first_line("/proc/loadavg")],
+            "storm_sizes": sorted({int(n) for cells in runs.values() for n in cells}),
+            "storm_window": STORM_WINDOW if not args.smoke else 0.5,
+            "storm_drain": STORM_DRAIN if not args.smoke else 2.0,
+            "smoke": args.smoke,
+        },
+        "probe": probe,
+        "contenders": {name: CONTENDERS[name].description for name in runs},
+        "storm": runs,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splice_section(out, STORM_HEADING, storm_section(results))
+    print(f"rewrote the storm section of {out} in {elapsed:.0f} s", file=sys.stderr)
+    broken = errors(runs, "storm ")
+    for line in broken:
+        print("ERROR", line, file=sys.stderr)
+    return 1 if broken or not runs else 0
 
 
 def report_progress(name: str, n: int, phase: str, result: Result) -> None:
@@ -314,8 +473,14 @@ def report_progress(name: str, n: int, phase: str, result: Result) -> None:
             f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
             f"fired {result['fired']}/{n}"
         )
+        if phase.startswith("storm"):
+            summary += (
+                f"  max {result['max_ms']:.0f} ms  <=5 s {result['within_5s']:.1%}"
+                f"  last {result['last_after_first_due_s']:.2f} s"
+                + ("  (killed)" if result.get("killed") else "")
+            )
     print(
-        f"[{result.get('elapsed', 0):5.1f} s] {name:22} N={n:<7} {phase:5} {summary}",
+        f"[{result.get('elapsed', 0):5.1f} s] {name:22} N={n:<7} {phase:10} {summary}",
         file=sys.stderr,
     )
 
