@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import time_machine
 
-from token_refresh import _demo_issuer, _scheduler
-from token_refresh.__main__ import main
-from token_refresh._inspect import Inspection
-from token_refresh._oauth import (
+from token_refresh import _scheduler
+from token_refresh.cli import _demo_issuer, main
+from token_refresh.cli._inspect import Inspection
+from token_refresh.cli._oauth import (
     TokenRequestError,
     check_url,
     discover_token_endpoint,
@@ -391,7 +391,7 @@ class TestDemoCommandLine:
         def interrupted(*args: object, **kwargs: object) -> int:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("token_refresh.__main__.run_demo", interrupted)
+        monkeypatch.setattr("token_refresh.cli._main.run_demo", interrupted)
 
         status, _, err = run(["demo"], capsys)
 

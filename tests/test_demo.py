@@ -12,8 +12,7 @@ import threading
 
 import pytest
 
-from token_refresh import _demo
-from token_refresh.__main__ import main
+from token_refresh.cli import _demo, main
 
 from conftest import ReraisingThread
 
@@ -205,7 +204,6 @@ class TestCommandLine:
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Running the package as ``__main__`` calls main() and exits with its status."""
-        monkeypatch.delitem(sys.modules, "token_refresh.__main__")  # runpy re-imports it
         monkeypatch.setattr(sys, "argv", ["/somewhere/token_refresh/__main__.py", "--help"])
 
         with pytest.raises(SystemExit) as exit_info:

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ._format import format_duration, format_seconds
-from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from token_refresh._format import format_duration, format_seconds
+from token_refresh._jwt import decode_jwt_expiry, decode_jwt_payload
 
 #: The claims whose values are shown: timing only, never anything about a person.
 TIMING_CLAIMS = ("exp", "iat", "nbf")

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ._jwt import decode_jwt_payload
-from ._scheduler import Scheduler
+from token_refresh._jwt import decode_jwt_payload
+from token_refresh._scheduler import Scheduler
 
 # Seconds at speed 1 (the hidden --speed divides them all): minutes shrunk to seconds.
 TOKEN_LIFETIME = 7.0  # of the tokens the servers mint

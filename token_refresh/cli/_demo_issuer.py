@@ -7,12 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import _scheduler, events
+from token_refresh import _scheduler, events
+from token_refresh._format import fingerprint, format_duration, format_seconds
+from token_refresh._jwt import decode_jwt_expiry
+from token_refresh._scheduler import MAX_REFRESH_FAILURES, Scheduler
+
 from ._demo import Story
-from ._format import fingerprint, format_duration, format_seconds
-from ._jwt import decode_jwt_expiry
 from ._oauth import TokenRequestError, discover_token_endpoint, fetch_token
-from ._scheduler import MAX_REFRESH_FAILURES, Scheduler
 
 SESSION = "demo"
 WATCH = 3.0  # seconds: each token is refreshed this long after it was issued, at most
