@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from token_refresh import __version__
+
 from ._demo import run_demo
 from ._demo_issuer import run_issuer_demo
 from ._inspect import NotAJWTError, inspect_token
@@ -19,6 +21,15 @@ from ._oauth import check_url
 CLIENT_ID_VARIABLE = "TOKEN_REFRESH_CLIENT_ID"
 CLIENT_SECRET_VARIABLE = "TOKEN_REFRESH_CLIENT_SECRET"
 DEFAULT_CLIENT_ID = "token-refresh-demo"
+#: The exit status when the reader of the output has gone (``| head -1``): 128 + SIGPIPE,
+#: what a shell reports for a program that the closed pipe stopped.
+EXIT_CLOSED_PIPE = 141
+
+EPILOG = f"""\
+When the reader of the output goes away (token-refresh inspect < t | head -1), a
+command stops quietly with exit status {EXIT_CLOSED_PIPE} (128 + SIGPIPE), as a program
+stopped by the closed pipe would (--help and --version still exit 0).
+"""
 
 INSPECT_DESCRIPTION = """\
 Read a JWT on standard input (an sk-ant-si- prefix is fine) and tell when it
@@ -26,9 +37,9 @@ expires, how long is left, when a Scheduler with the given refresh buffer would
 refresh it, and the names of its claims. The signature is not verified.
 """
 
-INSPECT_EPILOG = """\
+INSPECT_EPILOG = f"""\
 exit status: 0 the token is valid, 1 it has expired, 2 it is not a JWT with an exp
-claim (or the command line is wrong).
+claim (or the command line is wrong), {EXIT_CLOSED_PIPE} the reader of the output went away.
 
 --json prints one object with these keys (times in Unix seconds, durations in seconds):
   expired           true once exp has passed
@@ -95,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m token_refresh" if module_run else "token-refresh",
         description="Keep session tokens fresh: refresh each one on a timer before it expires.",
+        epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -156,12 +169,41 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # so that a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_CLOSED_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point standard output at os.devnull, so that the flush at exit cannot fail again.
+
+    As the Python documentation's "Note on SIGPIPE" (in the signal module) advises.
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (io.UnsupportedOperation): nothing to flush at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             return _inspect(args, parser.prog)
         return _demo(args, parser)
+    except BrokenPipeError:
+        raise  # an OSError, but no failure of the token server: main() handles it
     except OSError as error:  # the token server failed us: TokenRequestError
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
