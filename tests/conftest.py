@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import json
 import os
 import queue
@@ -115,6 +116,19 @@ def timer_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     assert "timers" in defaults
     monkeypatch.setitem(defaults, "timers", request.param)
     return str(request.param)
+
+
+class HungUp(io.StringIO):
+    """An output stream whose reader goes away after ``lines`` lines: then writes fail."""
+
+    def __init__(self, lines: int = 0) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def write(self, text: str) -> int:
+        if self.getvalue().count("\n") >= self.lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
 
 
 # -- The real OAuth2 server: oauth2-mock-server under Node (test_e2e.py, test_cli.py) ----------

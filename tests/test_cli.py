@@ -6,6 +6,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import re
 import socket
 import subprocess
@@ -15,22 +16,24 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 import time_machine
 
-from token_refresh import _demo_issuer, _scheduler
-from token_refresh.__main__ import main
-from token_refresh._inspect import Inspection
-from token_refresh._oauth import (
+import token_refresh
+from token_refresh import _scheduler, format_duration
+from token_refresh.cli import _demo_issuer, main
+from token_refresh.cli._inspect import Inspection
+from token_refresh.cli._oauth import (
     TokenRequestError,
     check_url,
     discover_token_endpoint,
     fetch_token,
 )
 
-from conftest import START, MockOAuthServer, b64url, make_jwt
+from conftest import START, HungUp, MockOAuthServer, b64url, make_jwt
 
 SIGNATURE = "c2lnbmF0dXJl"  # make_jwt's signature segment
 PERSONAL = {"sub": "user-8c41f2", "email": "ada@example.org", "name": "Ada Lovelace"}
@@ -106,7 +109,7 @@ class TestInspect:
         assert (status, err) == (0, "")
         assert out.splitlines() == [
             "expires:  2027-01-15 09:00:00 UTC (2027-01-15 09:00:00 UTC local time)",
-            "left:     60m",
+            "left:     1h",
             "refresh:  2027-01-15 08:55:00 UTC (2027-01-15 08:55:00 UTC local time), "
             "in 55m (--buffer 300)",
             "claims:   exp=1800003600, iat=1799999940; also email, name, sub (values not shown)",
@@ -133,6 +136,30 @@ class TestInspect:
         assert status == 0
         assert "left:     1m 30s\n" in out
         assert "refresh:  now: it expires within the 5m buffer (--buffer 300)\n" in out
+
+    @pytest.mark.parametrize(
+        ("lifetime", "left", "refresh_in"),
+        [
+            (30 * 86_400 - 1, "29d 23h", "29d 23h"),
+            (30 * 86_400, "30d", "29d 23h"),
+            (5 * 3_600 + 59, "5h", "4h 55m"),
+            (3 * 3_600 + 900, "3h 15m", "3h 10m"),
+            (3_599.9, "59m 59s", "54m 59s"),
+        ],
+    )
+    def test_long_lived_token_reads_in_days_and_hours(
+        self, capsys: pytest.CaptureFixture[str], lifetime: float, left: str, refresh_in: str
+    ) -> None:
+        """Long lifetimes read in days and hours, or hours and minutes, cut down, not rounded up."""
+        status, out, _ = run(["inspect"], capsys, stdin=make_jwt({"exp": START + lifetime}))
+
+        assert status == 0
+        assert f"left:     {left}\n" in out
+        assert f", in {refresh_in} (--buffer 300)\n" in out
+
+    def test_format_duration_keeps_the_seeds_format(self) -> None:
+        """The library's format_duration still reads minutes and seconds, as the seed's does."""
+        assert format_duration(30 * 86_400 - 1) == "43199m 59s"
 
     def test_buffer_option(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``--buffer`` moves the refresh time; the JSON says when and in how long."""
@@ -207,7 +234,7 @@ class TestInspect:
         status, out, _ = run(["inspect"], capsys, stdin=token)
 
         assert status == 0
-        assert "left:     60m\n" in out
+        assert "left:     1h\n" in out
 
     def test_token_argument_works_with_a_warning(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A token given as an argument is inspected, with a warning that does not echo it."""
@@ -216,7 +243,7 @@ class TestInspect:
         status, out, err = run(["inspect", token], capsys)
 
         assert status == 0
-        assert "left:     60m\n" in out
+        assert "left:     1h\n" in out
         assert err == (
             "token-refresh: warning: a token given as an argument lands in shell history and ps; "
             "pipe it on standard input instead\n"
@@ -321,6 +348,7 @@ class TestHelp:
             ([], ["demo", "inspect"]),
             (["demo"], ["--issuer URL", "--client-id", "TOKEN_REFRESH_CLIENT_SECRET"]),
             (["inspect"], ["--buffer SECONDS", "--json", "exit status: 0", *sorted(JSON_KEYS)]),
+            ([], ["--version", "exit status 141 (128 + SIGPIPE)"]),
         ],
     )
     def test_every_command_has_help(
@@ -335,6 +363,14 @@ class TestHelp:
         for text in expected:
             assert text in out
 
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """``--version`` prints the package's version and exits 0."""
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--version"])
+
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out == f"token-refresh {token_refresh.__version__}\n"
+
     def test_json_keys_in_help_are_the_real_ones(self) -> None:
         """The keys documented in ``inspect --help`` are exactly those ``--json`` prints."""
         facts = Inspection(
@@ -342,6 +378,82 @@ class TestHelp:
         ).as_json()
 
         assert set(facts) == JSON_KEYS
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose read end is already closed (a reader that has gone)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+def script(name: str) -> list[str]:
+    """The command line that runs ``name``: the console script, or ``python -m``."""
+    if name == "token-refresh":
+        return [str(Path(sys.executable).with_name("token-refresh"))]
+    return [sys.executable, "-m", "token_refresh"]
+
+
+@pytest.mark.usefixtures("at_start", "utc_here")
+class TestClosedPipe:
+    def test_inspect_into_a_closed_pipe_exits_141_quietly(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A real pipe whose reader has gone: exit status 141, nothing on stderr."""
+        with open(closed_pipe(), "w", encoding="utf-8") as stdout:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            status, _, err = run(["inspect"], capsys, stdin=make_jwt({"exp": START + 60}))
+
+        assert (status, err) == (141, "")
+
+    def test_expired_token_into_a_gone_reader_exits_141(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An expired token's report that nobody reads is 141 too, not 1 (a stream, no fd)."""
+        monkeypatch.setattr(sys, "stdout", HungUp())
+
+        status, _, err = run(["inspect"], capsys, stdin=make_jwt({"exp": START - 60}))
+
+        assert (status, err) == (141, "")
+
+    def test_a_gone_reader_of_stderr_exits_141(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A warning into a closed stderr stops the command the same quiet way."""
+        monkeypatch.setattr(sys, "stderr", HungUp())
+
+        status, out, _ = run(["inspect", make_jwt({"exp": START + 60})], capsys)
+
+        assert (status, out) == (141, "")
+
+    @pytest.mark.parametrize("name", ["token-refresh", "python -m token_refresh"])
+    @pytest.mark.parametrize(
+        ("argv", "stdin", "status"),
+        [
+            (["inspect"], make_jwt({"exp": 4_000_000_000}), 141),
+            (["inspect", "--json"], make_jwt({"exp": 1_000}), 141),
+            (["--help"], "", 0),
+        ],
+    )
+    def test_real_process_into_a_closed_pipe(
+        self, name: str, argv: list[str], stdin: str, status: int
+    ) -> None:
+        """``token-refresh inspect < t | true``: 141, not 0, 1 or 2; ``--help``: 0. Quiet."""
+        stdout = closed_pipe()
+        try:
+            result = subprocess.run(
+                [*script(name), *argv],
+                input=stdin,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        finally:
+            os.close(stdout)
+
+        assert (result.returncode, result.stderr) == (status, "")
 
 
 class TestDemoCommandLine:
@@ -391,7 +503,7 @@ class TestDemoCommandLine:
         def interrupted(*args: object, **kwargs: object) -> int:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("token_refresh.__main__.run_demo", interrupted)
+        monkeypatch.setattr("token_refresh.cli._main.run_demo", interrupted)
 
         status, _, err = run(["demo"], capsys)
 
@@ -656,34 +768,93 @@ class TestFetchToken:
 class TestDiscovery:
     def test_openid_configuration(self, issuer: FakeIssuer) -> None:
         """The token endpoint comes from the issuer's OpenID Connect metadata."""
-        assert discover_token_endpoint(issuer.url + "/", timeout=5) == f"{issuer.url}/token"
+        assert discover_token_endpoint(issuer.url, timeout=5) == f"{issuer.url}/token"
 
     def test_falls_back_to_rfc_8414(self, issuer: FakeIssuer) -> None:
         """Without OpenID metadata, RFC 8414's well-known URL (path after it) is tried."""
         issuer.queue("/realm/.well-known/openid-configuration", answer(404, {}))
         issuer.queue(
             "/.well-known/oauth-authorization-server/realm",
-            answer(200, {"token_endpoint": "https://auth.example.com/token"}),
+            answer(
+                200,
+                {"issuer": f"{issuer.url}/realm", "token_endpoint": "https://auth.example.com/t"},
+            ),
         )
 
         endpoint = discover_token_endpoint(f"{issuer.url}/realm", timeout=5)
 
-        assert endpoint == "https://auth.example.com/token"
+        assert endpoint == "https://auth.example.com/t"
 
     @pytest.mark.parametrize(
-        ("canned", "message"),
+        ("metadata", "message"),
         [
-            (answer(500, {}), "openid-configuration answered HTTP 500"),
-            (answer(200, {"issuer": "x"}), "openid-configuration names no token_endpoint"),
-            (answer(200, {"token_endpoint": "http://auth.example.com/t"}), "must be an https"),
+            (None, "openid-configuration answered HTTP 500"),
+            ({}, "openid-configuration names no token_endpoint"),
+            ({"token_endpoint": "http://auth.example.com/t"}, "must be an https"),
         ],
     )
-    def test_unusable_metadata(self, issuer: FakeIssuer, canned: Answer, message: str) -> None:
+    def test_unusable_metadata(
+        self, issuer: FakeIssuer, metadata: dict[str, str] | None, message: str
+    ) -> None:
         """Metadata that fails, names no token endpoint, or an insecure one, is an error."""
+        canned = (
+            answer(500, {}) if metadata is None else answer(200, {"issuer": issuer.url, **metadata})
+        )
         issuer.queue("/.well-known/openid-configuration", canned)
 
         with pytest.raises(TokenRequestError, match=message):
             discover_token_endpoint(issuer.url, timeout=5)
+
+    @pytest.mark.parametrize(
+        ("given", "message"),
+        [
+            ("http://localhost:{port}", "names the issuer 'http://127.0.0.1:{port}', not "
+             "'http://localhost:{port}': metadata for another issuer is not used (RFC 8414, 3.3)"),
+            ("http://127.0.0.1:{port}/", "names the issuer 'http://127.0.0.1:{port}', not "
+             "'http://127.0.0.1:{port}/'"),
+        ],
+    )  # fmt: skip
+    def test_metadata_of_another_issuer_is_refused(
+        self, issuer: FakeIssuer, given: str, message: str
+    ) -> None:
+        """The metadata's issuer must be the URL given, character for character (RFC 8414, 3.3)."""
+        port = urllib.parse.urlsplit(issuer.url).port
+
+        with pytest.raises(TokenRequestError, match=re.escape(message.format(port=port))):
+            discover_token_endpoint(given.format(port=port), timeout=5)
+
+        assert [path for _, path, _, _ in issuer.requests] == ["/.well-known/openid-configuration"]
+
+    @pytest.mark.parametrize(
+        ("named", "message"),
+        [
+            (None, "openid-configuration names no issuer"),
+            (["x"], "openid-configuration names no issuer"),
+            ("https://" + "a" * 300, "openid-configuration names the issuer another issuer, not"),
+        ],
+    )
+    def test_metadata_without_the_issuer_is_refused(
+        self, issuer: FakeIssuer, named: object, message: str
+    ) -> None:
+        """Metadata without an issuer, or with a long one (not quoted), is not used."""
+        metadata = {"token_endpoint": f"{issuer.url}/token"}
+        issuer.queue(
+            "/.well-known/openid-configuration", answer(200, {"issuer": named, **metadata})
+        )
+
+        with pytest.raises(TokenRequestError, match=re.escape(message)):
+            discover_token_endpoint(issuer.url, timeout=5)
+
+    def test_rfc_8414_metadata_is_checked_too(self, issuer: FakeIssuer) -> None:
+        """RFC 8414 metadata for another issuer is refused as well."""
+        issuer.queue("/realm/.well-known/openid-configuration", answer(404, {}))
+        issuer.queue(
+            "/.well-known/oauth-authorization-server/realm",
+            answer(200, {"issuer": issuer.url, "token_endpoint": f"{issuer.url}/token"}),
+        )
+
+        with pytest.raises(TokenRequestError, match="oauth-authorization-server/realm names the"):
+            discover_token_endpoint(f"{issuer.url}/realm", timeout=5)
 
     def test_no_metadata_at_all(self, issuer: FakeIssuer) -> None:
         """An issuer with neither well-known document is an error naming it."""
@@ -839,6 +1010,63 @@ class TestIssuerDemo:
         assert "Summary: 1 refreshes, 0 failed attempts" in out
         assert ", EXPIRED.\n" in out
 
+    def test_refresh_after_the_token_expired_fails_the_demo(
+        self,
+        issuer: FakeIssuer,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A refresh that comes after the token it replaces has expired is told and fails it."""
+        monkeypatch.setattr(_scheduler, "EXPIRES_IN_FLOOR", 0.6)
+        issuer.opaque, issuer.lifetime = True, 0.3
+
+        status, out, _ = run(["demo", "--issuer", issuer.url, "--refreshes", "2"], capsys)
+
+        refreshed = [line for line in story_lines(out) if line.startswith("refreshed")]
+        assert status == 1
+        assert "Beware: 0.6s is not before the tokens expire: each refresh will come too" in out
+        assert len(refreshed) == 2
+        for line in refreshed:
+            assert re.search(r"; TOO LATE: the token it replaced had expired 0\.\ds before", line)
+        assert "Summary: 2 refreshes, 0 failed attempts, 2 too late; holds token" in out
+        assert re.search(
+            r"\nFAILED: 2 of 2 refreshes came after the token they replaced had expired "
+            r"\(by up to 0\.\ds\)\. --verbose shows the log\.\n$",
+            out,
+        )
+
+    def test_reader_gone_ends_the_demo_at_once(
+        self,
+        issuer: FakeIssuer,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """With nobody reading its story, the demo stops before any refresh: exit 141."""
+        issuer.lifetime = 10.0  # the first refresh would come 3 s after the first token
+        monkeypatch.setattr(sys, "stdout", HungUp())
+
+        status, _, err = run(["demo", "--issuer", issuer.url], capsys)
+
+        assert (status, err) == (141, "")
+        assert len(issuer.token_requests()) == 1
+
+    def test_reader_gone_mid_story_ends_the_demo(
+        self,
+        issuer: FakeIssuer,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A reader that goes while a refresh is told (on a worker thread) ends the demo: 141."""
+        issuer.lifetime = 4.0  # a refresh every 2 s
+        stdout = HungUp(lines=7)  # the introduction and two lines; then the first refresh
+        monkeypatch.setattr(sys, "stdout", stdout)
+
+        status, _, err = run(["demo", "--issuer", issuer.url], capsys)
+
+        assert (status, err) == (141, "")
+        assert re.search(r"  schedule\(\): refresh at \+[\d.]+s\n$", stdout.getvalue())
+        assert len(issuer.token_requests()) == 2
+
     def test_deadline_bounds_the_demo(
         self,
         issuer: FakeIssuer,
@@ -915,10 +1143,18 @@ class TestIssuerDemo:
 
 class TestIssuerDemoWording:
     @pytest.mark.parametrize(
-        ("seconds", "text"), [(0.49999, "0.5s"), (2.96, "3s"), (59.4, "59s"), (3600, "60m")]
+        ("seconds", "text"),
+        [
+            (0.49999, "0.5s"),
+            (2.96, "3s"),
+            (59.4, "59s"),
+            (600, "10m"),
+            (3600, "1h"),
+            (86_400, "1d"),
+        ],
     )
     def test_durations(self, seconds: float, text: str) -> None:
-        """Tenths show under a minute; longer lifetimes read as minutes."""
+        """Tenths show under a minute; longer lifetimes read in minutes, hours or days."""
         assert _demo_issuer._duration(seconds) == text
 
 
@@ -964,6 +1200,60 @@ class TestIssuerDemoEndToEnd:
         assert f"refresh failed (1 of 3): {answered}; retry in 0.2s" in out
         assert f"refresh failed (2 of 3): {answered}; retry in 0.2s" in out
         assert "Summary: 3 refreshes, 2 failed attempts" in out
+
+    @pytest.mark.parametrize(
+        ("lifetime", "floor", "late", "verdict"),
+        [
+            (
+                "1",
+                2.0,
+                2,
+                "FAILED: 2 of 2 refreshes came after the token they replaced had expired",
+            ),
+            ("2", 0.25, 0, "The session was kept fresh; the scheduler is closed."),
+        ],
+    )
+    def test_opaque_tokens_are_judged_against_the_token_they_replace(
+        self,
+        oauth_server: MockOAuthServer,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        lifetime: str,
+        floor: float,
+        late: int,
+        verdict: str,
+    ) -> None:
+        """Opaque tokens that expire before the expires_in floor refreshes them fail the demo."""
+        oauth_server.command("opaque on")
+        oauth_server.command(f"lifetime {lifetime}")
+        monkeypatch.setattr(_scheduler, "EXPIRES_IN_FLOOR", floor)
+
+        status, out, err = run(
+            ["demo", "--issuer", oauth_server.issuer, "--refreshes", "2"], capsys
+        )
+
+        assert (status, err) == (1 if late else 0, "")
+        assert "the tokens are no JWTs, so schedule_from_expires_in" in out
+        told = re.findall(r"; TOO LATE: the token it replaced had expired [\d.]+s before", out)
+        assert len(told) == late
+        assert f"Summary: 2 refreshes, 0 failed attempts, {late} too late;" in out
+        assert verdict in out
+
+    def test_metadata_naming_another_issuer_is_refused(
+        self, oauth_server: MockOAuthServer, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--issuer http://localhost:PORT`` to a server named ``http://127.0.0.1:PORT``: 1."""
+        given = oauth_server.issuer.replace("127.0.0.1", "localhost")
+
+        status, out, err = run(["demo", "--issuer", given], capsys)
+
+        assert status == 1
+        assert_one_line_error(
+            err,
+            f"{given}/.well-known/openid-configuration names the issuer {oauth_server.issuer!r}, "
+            f"not {given!r}: metadata for another issuer is not used (RFC 8414, 3.3)",
+        )
+        assert "Token endpoint" not in out
 
     def test_python_m_token_refresh_demo_issuer(self, oauth_server: MockOAuthServer) -> None:
         """``python -m token_refresh demo --issuer URL`` runs in a real process and exits 0."""

@@ -12,10 +12,9 @@ import threading
 
 import pytest
 
-from token_refresh import _demo
-from token_refresh.__main__ import main
+from token_refresh.cli import _demo, main
 
-from conftest import ReraisingThread
+from conftest import HungUp, ReraisingThread
 
 CLOSING = (
     "All 3 sessions refreshed 2 times and hold a fresh token; schedulers closed, no threads left."
@@ -171,6 +170,38 @@ class TestMain:
         assert "about 10 seconds" in result.stdout
 
 
+@pytest.mark.realclock
+@pytest.mark.timeout(20)
+class TestReaderGone:
+    def test_reader_gone_at_once_ends_the_demo(
+        self,
+        minted: list[str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """``demo | true``: the demo stops before its first refresh, quietly, with exit 141."""
+        monkeypatch.setattr(sys, "stdout", HungUp())
+
+        status = main(["demo"])
+
+        assert (status, capsys.readouterr().err) == (141, "")
+        assert len(minted) == 3  # the sessions' first tokens; the first refresh is 2 s later
+        assert not [t for t in threading.enumerate() if t.name.startswith("token-refresh-")]
+
+    def test_reader_gone_mid_story_ends_the_demo(
+        self, minted: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reader that goes while a worker thread tells a refresh ends the demo: exit 141."""
+        stdout = HungUp(lines=_demo.INTRO.count("\n") + 1 + 3)  # then alice's refresh, at 2 s
+        monkeypatch.setattr(sys, "stdout", stdout)
+
+        status = main(["demo"])
+
+        assert status == 141
+        assert "  carol  has token #1 from flaky-auth" in stdout.getvalue().splitlines()[-1]
+        assert len(minted) == 4  # and bob's refresh, 1 s later, never came
+
+
 class TestCommandLine:
     def test_help_lists_the_demo(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``--help`` exits 0 and lists the ``demo`` command."""
@@ -205,7 +236,6 @@ class TestCommandLine:
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Running the package as ``__main__`` calls main() and exits with its status."""
-        monkeypatch.delitem(sys.modules, "token_refresh.__main__")  # runpy re-imports it
         monkeypatch.setattr(sys, "argv", ["/somewhere/token_refresh/__main__.py", "--help"])
 
         with pytest.raises(SystemExit) as exit_info:

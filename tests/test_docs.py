@@ -530,7 +530,7 @@ class TestDaemonExample:
 
 @pytest.fixture(scope="module")
 def flask_app() -> ModuleType:
-    _require("Flask", "flask")
+    _require("Flask (the prefork extra)", "flask")
     return _load(EXAMPLES / "flask_app.py", "docs_example_flask_app")
 
 
@@ -573,7 +573,7 @@ class TestFlaskExample:
         self, flask_app: ModuleType, tmp_path: Path
     ) -> None:
         """gunicorn -c gunicorn.conf.py: workers answer with their own token and stop on SIGTERM."""
-        _require("gunicorn", "gunicorn")
+        _require("gunicorn (the prefork extra)", "gunicorn")
         command = [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLES / "gunicorn.conf.py")]
         command += ["--bind", "127.0.0.1:0"]
         with _started(command, {"HOME": str(tmp_path)}) as process:  # gunicorn writes to ~

@@ -2,7 +2,7 @@
 
 The server is oauth2-mock-server (npm, not written here), run by tests/e2e/server.mjs on
 127.0.0.1 with tokens that live 3 seconds and faults on demand. get_access_token is the
-package's own client_credentials client, token_refresh._oauth.fetch_token.
+package's own client_credentials client, token_refresh.cli._oauth.fetch_token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from token_refresh import Scheduler, _scheduler, decode_jwt_expiry, decode_jwt_payload, events
-from token_refresh._oauth import TokenRequestError, discover_token_endpoint, fetch_token
+from token_refresh.cli._oauth import TokenRequestError, discover_token_endpoint, fetch_token
 
 from conftest import MockOAuthServer
 

@@ -187,11 +187,22 @@ class TestDecodeJwtPayload:
         """A \\ud800 escape in a JSON string decodes to a lone surrogate, as in JavaScript."""
         assert decode_jwt_payload(token_with_payload_text('{"s":"\\ud800"}')) == {"s": "\ud800"}
 
-    @pytest.mark.parametrize("token", [None, b"a.e30.c", 123, ["a", "e30", "c"], object()])
-    def test_non_str_input_is_none(self, token: Any) -> None:
-        """Anything but a str is not a token: None, without raising."""
-        assert decode_jwt_payload(token) is None
-        assert decode_jwt_expiry(token) is None
+    @pytest.mark.parametrize(
+        ("token", "kind"),
+        [
+            (None, "NoneType"),
+            (b"a.eyJleHAiOjF9.c", "bytes"),  # a real mistake: an undecoded HTTP body
+            (42, "int"),
+            (["a", "e30", "c"], "list"),
+            (object(), "object"),
+        ],
+    )
+    def test_non_str_input_raises_type_error(self, token: Any, kind: str) -> None:
+        """Anything but a str, bytes included, is a TypeError naming its type, as in the seed."""
+        with pytest.raises(TypeError, match=f"^token must be a str, not {kind}$"):
+            decode_jwt_payload(token)
+        with pytest.raises(TypeError, match=f"^token must be a str, not {kind}$"):
+            decode_jwt_expiry(token)
 
     def test_unclosed_deep_nesting_is_none(self) -> None:
         """A payload of 100,000 unclosed brackets is malformed, not a RecursionError."""

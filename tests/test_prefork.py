@@ -15,8 +15,9 @@ uWSGI, whose C fork() runs no Python at-fork hook, with nothing but the
 scheduler's pid check, with the ``@postfork`` hook, and with
 ``--py-call-uwsgi-fork-hooks``; and one of each with the heap timer backend.
 
-Without gunicorn, uWSGI or Flask these tests skip, except when ``CI=true``: then
-a missing server is a failure, so CI cannot pass without running them.
+They need the ``prefork`` extra (Flask, gunicorn, uWSGI; uWSGI builds from
+source). Without it these tests skip with the reason, except when ``CI=true``:
+then a missing server is a failure, so CI cannot pass without running them.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _require(what: str, available: bool) -> None:
     """Skip when ``what`` is missing, or fail when running in CI."""
     if available:
         return
-    message = f"{what} is not installed (pip install flask gunicorn uwsgi)"
+    message = f"{what} is not installed: pip install '.[prefork]' (uWSGI needs a C compiler)"
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; CI=true, so this is a failure, not a skip", pytrace=False)
     pytest.skip(message)

@@ -48,10 +48,11 @@ def decode_jwt_payload(token: str) -> object | None:
     """Return a JWT's parsed payload without verifying it, or None if malformed.
 
     A leading ``sk-ant-si-`` session-ingress prefix is stripped first. Never
-    raises on a ``str``.
+    raises on a ``str``; anything else (``bytes`` too) is a TypeError, as the
+    seed throws.
     """
     if not isinstance(token, str):  # callers without type checking
-        return None  # type: ignore[unreachable]
+        raise TypeError(f"token must be a str, not {type(token).__name__}")
     jwt = token.removeprefix(_SESSION_INGRESS_PREFIX)
     parts = jwt.split(".")
     if len(parts) != 3 or not parts[1]:
@@ -68,7 +69,8 @@ def decode_jwt_expiry(token: str) -> float | int | None:
     """Return a JWT's ``exp`` claim (Unix seconds), or None if it has no usable one.
 
     ``exp`` must be a finite real number: booleans, strings, NaN and
-    infinities are "no expiry", as in the seed.
+    infinities are "no expiry", as in the seed. A ``token`` that is not a
+    ``str`` is a TypeError.
     """
     payload = decode_jwt_payload(token)
     if not isinstance(payload, dict):

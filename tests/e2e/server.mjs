@@ -11,9 +11,11 @@
 // Commands on standard input, one a line, each answered "ok <command>" on
 // standard output once in effect (anything else is answered "error <line>"):
 //   lifetime SECONDS        tokens issued from now on live this long
+//   opaque on|off           issue opaque access tokens (random, no JWT) instead of JWTs
 //   fail N http500          the next N token requests answer HTTP 500 server_error
 //   fail N invalid_grant    the next N token requests answer HTTP 400 invalid_grant
 // The end of standard input stops the server, and the process exits.
+import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { OAuth2Server } from 'oauth2-mock-server';
@@ -39,6 +41,7 @@ const { values } = parseArgs({
   },
 });
 let lifetime = seconds(values.lifetime);
+let opaque = false;
 const faults = []; // how the next token requests are answered, first first
 
 const server = new OAuth2Server();
@@ -50,6 +53,7 @@ server.service.on('beforeResponse', (response) => {
   const fault = faults.shift();
   if (fault === undefined) {
     response.body.expires_in = lifetime;
+    if (opaque) response.body.access_token = randomBytes(24).toString('base64url');
   } else {
     response.statusCode = fault.statusCode;
     response.body = fault.body;
@@ -66,6 +70,8 @@ function obey(line) {
   const words = line.trim().split(/\s+/);
   if (words[0] === 'lifetime' && words.length === 2) {
     lifetime = seconds(words[1]);
+  } else if (words[0] === 'opaque' && words.length === 2 && ['on', 'off'].includes(words[1])) {
+    opaque = words[1] === 'on';
   } else if (words[0] === 'fail' && words.length === 3 && words[2] in FAULTS) {
     const count = Number(words[1]);
     if (!Number.isInteger(count) || count < 0) throw new Error(`not a count: ${words[1]}`);

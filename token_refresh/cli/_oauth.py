@@ -61,7 +61,9 @@ def discover_token_endpoint(issuer: str, *, timeout: float = TIMEOUT) -> str:
     """Find the issuer's token endpoint in its published metadata.
 
     Tries OpenID Connect Discovery (``<issuer>/.well-known/openid-configuration``),
-    then RFC 8414 (``/.well-known/oauth-authorization-server<path>``).
+    then RFC 8414 (``/.well-known/oauth-authorization-server<path>``). The metadata's
+    ``issuer`` must be ``issuer`` exactly (RFC 8414, 3.3; OpenID Connect Discovery,
+    4.3), else it is not used: a TokenRequestError says what the server calls itself.
     """
     parts = urllib.parse.urlsplit(check_url(issuer, "the issuer"))
     path = parts.path.rstrip("/")
@@ -76,6 +78,7 @@ def discover_token_endpoint(issuer: str, *, timeout: float = TIMEOUT) -> str:
             if error.status == 404:
                 continue
             raise
+        _check_issuer(metadata.get("issuer"), issuer, url)
         endpoint = metadata.get("token_endpoint")
         if not isinstance(endpoint, str):
             raise TokenRequestError(f"{_without_secrets(url)} names no token_endpoint")
@@ -85,6 +88,20 @@ def discover_token_endpoint(issuer: str, *, timeout: float = TIMEOUT) -> str:
             raise TokenRequestError(str(error)) from None
     raise TokenRequestError(
         f"{_without_secrets(issuer)} publishes no OAuth metadata (HTTP 404 at .well-known/)"
+    )
+
+
+def _check_issuer(named: object, issuer: str, url: str) -> None:
+    """Raise TokenRequestError unless the metadata at ``url`` names ``issuer`` as its issuer."""
+    if named == issuer:
+        return
+    where = _without_secrets(url)
+    if not isinstance(named, str):
+        raise TokenRequestError(f"{where} names no issuer")
+    shown = repr(named) if len(named) <= 200 else "another issuer"
+    raise TokenRequestError(
+        f"{where} names the issuer {shown}, not {_without_secrets(issuer)!r}: metadata for "
+        "another issuer is not used (RFC 8414, 3.3); give the issuer URL exactly as it names itself"
     )
 
 

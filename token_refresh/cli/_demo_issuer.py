@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from . import _scheduler, events
+from token_refresh import _scheduler, events
+from token_refresh._format import fingerprint, format_seconds
+from token_refresh._jwt import decode_jwt_expiry
+from token_refresh._scheduler import MAX_REFRESH_FAILURES, Scheduler
+
 from ._demo import Story
-from ._format import fingerprint, format_duration, format_seconds
-from ._jwt import decode_jwt_expiry
+from ._duration import human_duration
 from ._oauth import TokenRequestError, discover_token_endpoint, fetch_token
-from ._scheduler import MAX_REFRESH_FAILURES, Scheduler
 
 SESSION = "demo"
 WATCH = 3.0  # seconds: each token is refreshed this long after it was issued, at most
@@ -58,6 +60,8 @@ class Held:
     token: str = field(repr=False)  # token material stays out of reprs
     expires: float
     refreshes: int = 0
+    #: For each refresh that came too late, how long the token it replaced had been expired.
+    lapses: list[float] = field(default_factory=list)
 
 
 def run_issuer_demo(
@@ -65,9 +69,13 @@ def run_issuer_demo(
 ) -> int:
     """Tell the story on ``out``; return 0 if the session was kept fresh, else 1.
 
+    Kept fresh means: every refresh came while the token it replaced was still
+    valid, all ``refreshes`` came in time, and the last token is valid at the end.
+
     Raises TokenRequestError (an OSError) if the issuer cannot be used at all.
     """
-    story = Story(out)
+    done = threading.Event()  # the session has ended, or the reader has gone
+    story = Story(out, wake=done.set)
     story.say(f"token_refresh demo against {issuer}: keep one session's token fresh.", stamp=False)
     source = TokenSource(discover_token_endpoint(issuer), client_id, client_secret)
     first = source.get_access_token()
@@ -93,7 +101,12 @@ def run_issuer_demo(
         f"{how}. {refreshes} refreshes, then the session ends.\n",
         stamp=False,
     )
-    done = threading.Event()
+    if cycle >= lifetime:
+        story.say(
+            f"Beware: {_duration(cycle)} is not before the tokens expire: each refresh will come "
+            "too late, and the demo will say so.\n",
+            stamp=False,
+        )
 
     def schedule(token: str) -> str:
         if jwt:
@@ -104,11 +117,15 @@ def run_issuer_demo(
         return "now" if due is None else f"at {story.at(due)}"
 
     def on_refresh(session_id: str, token: str) -> None:
+        lapsed = time.time() - held.expires  # >= 0: the token this one replaces has expired
         held.token, held.expires, held.refreshes = token, source.expiry(token), held.refreshes + 1
         news = (
             f"refreshed ({held.refreshes} of {refreshes}): token {fingerprint(token)}, "
             f"expires {story.at(held.expires)}"
         )
+        if lapsed >= 0:
+            held.lapses.append(lapsed)
+            news += f"; TOO LATE: the token it replaced had expired {lapsed:.1f}s before"
         if held.refreshes < refreshes:
             story.say(f"{news}; next refresh {schedule(token)}")
             return
@@ -142,21 +159,28 @@ def run_issuer_demo(
             f"{'schedule' if jwt else 'schedule_from_expires_in'}(): refresh {schedule(first)}"
         )
         in_time = done.wait(refreshes * (cycle + MAX_REFRESH_FAILURES * RETRY_DELAY) + SLACK)
+        story.check()
         story.say("close() the scheduler: it cancels what is left and stops its threads")
     left = held.expires - time.time()
     state = f"fresh for {left:.1f}s more" if left > 0 else "EXPIRED"
     story.say(
-        f"\nSummary: {held.refreshes} refreshes, {source.failures} failed attempts; "
-        f"holds token {fingerprint(held.token)}, {state}.",
+        f"\nSummary: {held.refreshes} refreshes, {source.failures} failed attempts, "
+        f"{len(held.lapses)} too late; holds token {fingerprint(held.token)}, {state}.",
         stamp=False,
     )
-    if in_time and held.refreshes == refreshes and left > 0:
+    if in_time and held.refreshes == refreshes and left > 0 and not held.lapses:
         story.say("The session was kept fresh; the scheduler is closed.", stamp=False)
         return 0
-    story.say("FAILED: the session was not kept fresh. --verbose shows the log.", stamp=False)
+    why = (
+        f"{len(held.lapses)} of {held.refreshes} refreshes came after the token they replaced "
+        f"had expired (by up to {max(held.lapses):.1f}s)"
+        if held.lapses
+        else "the session was not kept fresh"
+    )
+    story.say(f"FAILED: {why}. --verbose shows the log.", stamp=False)
     return 1
 
 
 def _duration(seconds: float) -> str:
-    """``"0.5s"``, ``"3s"``, ``"60m"``: tenths show under a minute."""
-    return format_duration(seconds) if seconds >= 60 else f"{seconds:.2g}s"
+    """``"0.5s"``, ``"3s"``, ``"1h"``: tenths show under a minute."""
+    return human_duration(seconds) if seconds >= 60 else f"{seconds:.2g}s"

@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ._format import format_duration, format_seconds
-from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from token_refresh._format import format_seconds
+from token_refresh._jwt import decode_jwt_expiry, decode_jwt_payload
+
+from ._duration import human_duration
 
 #: The claims whose values are shown: timing only, never anything about a person.
 TIMING_CLAIMS = ("exp", "iat", "nbf")
@@ -63,14 +65,14 @@ class Inspection:
     def as_text(self) -> str:
         """The facts for a person, one per line."""
         if self.expired:
-            left = f"expired {format_duration(-self.expires_in)} ago"
+            left = f"expired {human_duration(-self.expires_in)} ago"
             refresh = "now: the token has expired"
         else:
-            left = format_duration(self.expires_in)
-            buffer = format_duration(self.refresh_buffer)
+            left = human_duration(self.expires_in)
+            buffer = human_duration(self.refresh_buffer)
             wait = self.refresh_at - self.now
             refresh = (
-                f"{_when(self.refresh_at)}, in {format_duration(wait)}"
+                f"{_when(self.refresh_at)}, in {human_duration(wait)}"
                 if wait > 0
                 else f"now: it expires within the {buffer} buffer"
             )

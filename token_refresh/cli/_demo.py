@@ -7,11 +7,12 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ._jwt import decode_jwt_payload
-from ._scheduler import Scheduler
+from token_refresh._jwt import decode_jwt_payload
+from token_refresh._scheduler import Scheduler
 
 # Seconds at speed 1 (the hidden --speed divides them all): minutes shrunk to seconds.
 TOKEN_LIFETIME = 7.0  # of the tokens the servers mint
@@ -35,10 +36,17 @@ is down at first. Tokens are unsigned JWTs minted here; only their serial number
 
 
 class Story:
-    """Thread-safe lines on ``out``, stamped with the time since the demo started."""
+    """Thread-safe lines on ``out``, stamped with the time since the demo started.
 
-    def __init__(self, out: TextIO) -> None:
-        self.out, self.start, self._lock = out, time.time(), threading.Lock()
+    When the reader of ``out`` goes away (a closed pipe), the story stops, on
+    whichever thread was telling it: ``hung_up`` becomes true and ``wake`` is
+    called, so that the demo can end at once (:meth:`check` raises BrokenPipeError).
+    """
+
+    def __init__(self, out: TextIO, wake: Callable[[], object] = lambda: None) -> None:
+        self.out, self.start, self.wake = out, time.time(), wake
+        self.hung_up = False
+        self._lock = threading.Lock()
 
     def at(self, wall: float) -> str:
         return f"+{wall - self.start:.1f}s"
@@ -46,7 +54,20 @@ class Story:
     def say(self, text: str, stamp: bool = True) -> None:
         line = f"{self.at(time.time()):>6}  {text}" if stamp else text
         with self._lock:
-            print(line, file=self.out, flush=True)
+            if self.hung_up:
+                return
+            try:
+                print(line, file=self.out, flush=True)
+            except BrokenPipeError:
+                self.hung_up = True
+            else:
+                return
+        self.wake()
+
+    def check(self) -> None:
+        """Raise BrokenPipeError if the reader has gone: the command line exits quietly."""
+        if self.hung_up:
+            raise BrokenPipeError("the reader of the demo's output has gone")
 
 
 class TokenServer:
@@ -97,7 +118,8 @@ def claims(token: str) -> tuple[int, float]:
 
 def run_demo(out: TextIO, speed: float = 1.0) -> int:
     """Tell the demo's story on ``out``; return 0 if every session was kept fresh, else 1."""
-    story = Story(out)
+    finished = threading.Event()  # every session has ended, or the reader has gone
+    story = Story(out, wake=finished.set)
     lifetime, buffer, follow_up, retry = (
         seconds / speed for seconds in (TOKEN_LIFETIME, REFRESH_BUFFER, FOLLOW_UP, RETRY_DELAY)
     )
@@ -122,6 +144,8 @@ def run_demo(out: TextIO, speed: float = 1.0) -> int:
         schedulers[session.server.name].cancel(session_id)  # allowed inside a callback
         story.say(f"{news}; session over: cancel()")
         session.done.set()
+        if all(other.done.is_set() for other in sessions.values()):
+            finished.set()
 
     schedulers = {
         name: Scheduler(
@@ -143,9 +167,9 @@ def run_demo(out: TextIO, speed: float = 1.0) -> int:
                 f"{name:<5}  has token #{serial} from {server}, expires {story.at(expires)}; "
                 f"schedule() arms its refresh for {story.at(expires - buffer)}"
             )
-        # Each wait is bounded by what is left of one shared deadline: no fixed sleeps.
-        deadline = time.monotonic() + DEADLINE / speed
-        late = [s for s in sessions.values() if not s.done.wait(deadline - time.monotonic())]
+        finished.wait(DEADLINE / speed)
+        story.check()
+        late = [s for s in sessions.values() if not s.done.is_set()]
         story.say("close() both schedulers: it cancels what is left and stops their threads")
     finally:
         for scheduler in schedulers.values():

@@ -1,0 +1,121 @@
+"""The source distribution: a packager who unpacks it can run its test suite.
+
+The sdist is built from a copy of this tree (the tree itself is never written
+to) with the setuptools installed here (the ``test`` extra has it: no network),
+unpacked, and pytest collects its tests against the installed package.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: What a source tree holds that is no part of the project: never copied.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "_build", ".*_cache",
+    ".hypothesis", ".coverage*", "__pycache__",
+)  # fmt: skip
+SETUPTOOLS_MINIMUM = (77,)
+QUIET = ["-p", "no:cacheprovider"]  # nothing written into the unpacked tree
+
+
+def _require_setuptools() -> None:
+    """Skip unless setuptools 77 or newer is installed; under CI=true, fail."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:1]) >= SETUPTOOLS_MINIMUM:
+        return
+    message = f"setuptools>=77 is not installed (found {version}): pip install '.[test]'"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI=true, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def unpacked_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist, built from a copy of this tree and unpacked: its top directory."""
+    _require_setuptools()
+    work = tmp_path_factory.mktemp("sdist")
+    source = work / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, setuptools.build_meta as b; print(b.build_sdist(sys.argv[1]))",
+            str(work),
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    archive = work / build.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as sdist:
+        sdist.extractall(work / "unpacked", filter="data")
+    (top,) = (work / "unpacked").iterdir()
+    return top
+
+
+@pytest.mark.timeout(180)
+class TestSdist:
+    def test_ships_what_the_tests_need(self, unpacked_sdist: Path) -> None:
+        """The sdist holds conftest.py, test data, the e2e server, the pre-fork apps, the docs."""
+        for path in (
+            "tests/conftest.py",
+            "tests/data/node_base64url.json",
+            "tests/e2e/server.mjs",
+            "tests/e2e/package-lock.json",
+            "tests/prefork/app.py",
+            "docs/conf.py",
+            "docs/examples/daemon.py",
+            "README.md",
+            "CHANGELOG.md",
+            ".ci/run",
+            "LICENSE",
+            "token_refresh/py.typed",
+        ):
+            assert (unpacked_sdist / path).is_file(), path
+        assert not (unpacked_sdist / "tests" / "e2e" / "node_modules").exists()
+
+    def test_pytest_collects_from_the_unpacked_sdist(self, unpacked_sdist: Path) -> None:
+        """``pytest --collect-only`` in the unpacked sdist finds every test file, with no errors."""
+        collect = subprocess.run(
+            # -P: the unpacked tree is not put on sys.path, so the installed package is tested.
+            [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "--no-cov", *QUIET],
+            cwd=unpacked_sdist,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+        assert collect.returncode == 0, collect.stdout + collect.stderr
+        summary = collect.stdout.strip().splitlines()[-1]
+        assert re.fullmatch(r"\d+ tests collected in [\d.]+s", summary), collect.stdout
+        files = {line.partition("::")[0] for line in collect.stdout.splitlines() if "::" in line}
+        assert files == {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")}
+
+
+class TestTestCommand:
+    def test_ci_runs_the_readme_test_command(self) -> None:
+        """Each step of README's test command is a line of ``.ci/run``, so CI runs exactly it."""
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        (command,) = re.findall(r'^pip install "\.\[test\b.* && pytest$', readme, re.M)
+        ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+        for step in command.split(" && "):
+            assert step in ci, step
