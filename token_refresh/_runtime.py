@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -59,6 +60,16 @@ class Runtime(Protocol):
     def reserve(self) -> Timer | None:
         """A timer for an immediate refresh to re-arm later, or None if the backend needs none."""
 
+    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer | None:
+        """A timer started but held (lock not held); None: arm() it under the lock instead.
+
+        The thread backend starts a timer's thread before the caller takes its
+        lock; it fires only once unhold() says the timer was published.
+        """
+
+    def unhold(self, timer: Timer) -> None:
+        """Let a timer from prepare() fire (it may be due already)."""
+
     def start(self, timer: Timer) -> None:
         """Start what arm() or reserve() made (lock released); RuntimeError if the OS refuses."""
 
@@ -100,6 +111,7 @@ class _SessionTimer:
         "__weakref__",
         "_callback",
         "_deadline",
+        "_held",
         "_owner",
         "_state",
         "_thread",
@@ -108,9 +120,15 @@ class _SessionTimer:
     )
 
     def __init__(
-        self, owner: ThreadTimers, deadline: float | None, callback: Callable[[], None] | None
+        self,
+        owner: ThreadTimers,
+        deadline: float | None,
+        callback: Callable[[], None] | None,
+        *,
+        held: bool = False,
     ) -> None:
         self._owner = owner
+        self._held = held  # due, but waits for unhold()
         self._wake = threading.Condition(threading.Lock())
         self._deadline = deadline
         self._callback = callback
@@ -136,6 +154,12 @@ class _SessionTimer:
             self._wake.notify()
         del callback
 
+    def unhold(self) -> None:
+        with self._wake:
+            self._held = False
+            if self._deadline is not None and self._deadline < self._wakes_at:
+                self._wake.notify()  # waiting for unhold() past its deadline
+
     def rearm(self, deadline: float, callback: Callable[[], None]) -> bool:
         """Wait for ``deadline`` again, if parked and still alive; False otherwise."""
         with self._wake:
@@ -159,6 +183,10 @@ class _SessionTimer:
                     continue
                 assert self._deadline is not None
                 remaining = self._deadline - now
+                if self._held and remaining <= 0:
+                    self._wakes_at = math.inf
+                    self._wake.wait()  # due before it was published: until unhold()
+                    continue
                 if remaining > 0:
                     wait = min(remaining, threading.TIMEOUT_MAX)
                     self._wakes_at = now + wait
@@ -197,6 +225,11 @@ class ThreadTimers:
 
     def reserve(self) -> Timer:
         return _SessionTimer(self, None, None)
+
+    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = _SessionTimer(self, time.monotonic() + delay, callback, held=True)
+        timer.start()
+        return timer
 
     def start(self, timer: Timer) -> None:
         assert isinstance(timer, _SessionTimer)
@@ -253,6 +286,9 @@ class HeapTimers:
         return entry
 
     def reserve(self) -> None:
+        return None
+
+    def prepare(self, delay: float, callback: Callable[[], None]) -> None:
         return None
 
     def start(self, timer: Timer) -> None:
@@ -470,6 +506,13 @@ class ThreadRuntime:
     def reserve(self) -> Timer | None:
         return self._timers.reserve()
 
+    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer | None:
+        return self._timers.prepare(delay, callback)
+
+    def unhold(self, timer: Timer) -> None:
+        assert isinstance(timer, _SessionTimer)
+        timer.unhold()
+
     def start(self, timer: Timer) -> None:
         self._timers.start(timer)
 
@@ -517,6 +560,12 @@ class ManualRuntime:
 
     def reserve(self) -> None:
         return None
+
+    def prepare(self, delay: float, callback: Callable[[], None]) -> None:
+        return None
+
+    def unhold(self, timer: Timer) -> None:  # pragma: no cover - prepare() gives none
+        pass
 
     def start(self, timer: Timer) -> None:
         pass

@@ -548,26 +548,35 @@ class Scheduler:
 
     def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
         """Give the session a new generation and timer; return the timer."""
-        # The thread backend's timer thread is started parked, before the lock
-        # is taken (a start waits for the new thread to get the GIL), and armed
-        # under it. If the OS refuses a thread, the session keeps what it had.
-        spare = self._runtime.reserve()
+        pending = self._pending(0, delay, reason)  # its generation is given under the lock
+
+        def fire() -> None:
+            self._timer_fired(session_id, pending)
+
+        # The thread backend's timer thread starts before the lock is taken (a
+        # start waits for the new thread to get the GIL) and fires only once
+        # published. If the OS refuses a thread, the session keeps what it had.
         try:
-            if spare is not None:
-                self._runtime.start(spare)
+            prepared = self._runtime.prepare(pending.delay, fire)
             with self._lock:
-                self._check_open()
-                pending = self._pending(next(self._generation_counter), delay, reason)
-                self._arm(session_id, pending, spare)
-                assert pending.timer is not None
-                self._runtime.start(pending.timer)  # a no-op for the timer started above
+                try:
+                    self._check_open()
+                    if prepared is None:
+                        pending.timer = self._runtime.arm(pending.delay, fire, None)
+                        self._runtime.start(pending.timer)
+                except BaseException:
+                    if prepared is not None:
+                        prepared.cancel()
+                    raise
+                if prepared is not None:
+                    pending.timer = prepared
+                    self._runtime.unhold(prepared)
+                pending.generation = next(self._generation_counter)
                 self._drop_timer(session_id)
                 self._generations[session_id] = pending.generation
                 self._timers[session_id] = pending
                 return pending
         except RuntimeError as error:
-            if spare is not None:
-                spare.cancel()
             if isinstance(error, SchedulerClosedError):
                 raise
             raise RuntimeError(
