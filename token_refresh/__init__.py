@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from . import events
+from ._context import current_session_id
 from ._format import format_duration
 from ._jwt import decode_jwt_expiry, decode_jwt_payload
 from ._scheduler import Scheduler, SchedulerClosedError, Stats
@@ -13,6 +14,7 @@ __all__ = [
     "Scheduler",
     "SchedulerClosedError",
     "Stats",
+    "current_session_id",
     "decode_jwt_expiry",
     "decode_jwt_payload",
     "events",

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import events
+from ._context import session_context
 from ._format import fingerprint, format_duration, format_instant, format_seconds
 from ._jwt import decode_jwt_expiry
 from ._timers import Cancellable, HeapTimers, ThreadTimers, Timers
@@ -654,7 +655,8 @@ class Scheduler:
     def _fetch(self, session_id: str) -> tuple[str | None, str | None]:
         """Call get_access_token; return the token (None if none) and any error's type."""
         try:
-            token = self._call_user(self._get_access_token)
+            with session_context(session_id):  # current_session_id() inside get_access_token
+                token = self._call_user(self._get_access_token)
         except Exception as error:
             # By type only: an exception's message may quote a token.
             _log.error(
