@@ -44,8 +44,9 @@ __all__ = [
 
 _log = logging.getLogger("token_refresh.shared")
 
-#: Seconds a call waits for its token unless ``fetch_timeout=`` says otherwise.
-FETCH_TIMEOUT = 30.0
+#: Seconds a call waits for its token unless ``fetch_timeout=`` says otherwise: the default
+#: ``lease_ttl`` plus 5, so that a caller outlasts a dead holder's lease and still fetches.
+FETCH_TIMEOUT = 35.0
 #: Seconds between looks at the store while another process holds the lease.
 _POLL_INTERVAL = 0.02
 #: Fetches still running past fetch_timeout for one key before calls fail at once.
