@@ -342,7 +342,7 @@ class RedisStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "token_refresh:") -> None:
         try:
             import redis
-        except ImportError as error:  # pragma: no cover - the tests run with redis-py
+        except ImportError as error:
             raise ImportError('RedisStore needs: pip install "token_refresh[redis]"') from error
         self._client, self._prefix, self._redis_error = client, prefix, redis.RedisError
         self._release = client.register_script(_RELEASE)
