@@ -22,7 +22,7 @@ exclude_patterns = ["_build", "_scripts", "examples"]
 nitpicky = True
 # Without intersphinx, references to the standard library's types cannot resolve.
 nitpick_ignore_regex = [
-    ("py:class", r"(collections\.abc|datetime|random|types|typing|threading)\..*"),
+    ("py:class", r"(collections\.abc|datetime|random|types|typing|threading|os|redis)\..*"),
     ("py:class", r"Callable|timedelta|TracebackType|Literal|Random"),
     # ManualClock.call_later's handle: all a caller may do with it is cancel().
     ("py:class", r"token_refresh\.testing\._ManualTimer"),

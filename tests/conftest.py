@@ -10,7 +10,9 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +171,16 @@ def require_mock_server() -> None:
     pytest.skip(reason)
 
 
+def terminate(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, wait up to 5 seconds, then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class MockOAuthServer:
     """oauth2-mock-server in a Node process on 127.0.0.1: short-lived tokens, faults on demand."""
 
@@ -224,12 +236,7 @@ class MockOAuthServer:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
         assert self._reader is not None
         self._reader.join(timeout=5)  # it ends at the end of the output
         for pipe in (process.stdin, process.stdout):
@@ -272,3 +279,97 @@ def oauth_server() -> Iterator[MockOAuthServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- A real Redis: Debian's redis-server on a unix socket in a temp dir (test_shared.py) --------
+#
+# Each test that asks for `redis_server` gets its own server, no persistence, no TCP port.
+# Without redis-server (`apt-get install redis-server`) or redis-py (the test extra) the
+# tests skip; under CI=true they fail, as the end-to-end tests do.
+
+
+@functools.cache
+def redis_unavailable() -> str | None:
+    """Why a real Redis cannot run here, or None if it can."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not on PATH: apt-get install redis-server"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return 'redis-py is not installed: pip install ".[test]"'
+    return None
+
+
+class RedisServer:
+    """redis-server on a unix socket in ``directory``; started, frozen, thawed and stopped."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._process = subprocess.Popen(
+            [
+                *("redis-server", "--port", "0", "--unixsocket", str(self.socket)),
+                *("--unixsocketperm", "700", "--save", "", "--appendonly", "no"),
+                *("--dir", str(self.directory)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        seen: list[str] = []
+        for line in self._process.stdout:  # pytest-timeout bounds this
+            seen.append(line)
+            if "ready to accept connections" in line.lower():
+                break
+        else:
+            raise AssertionError(f"redis-server exited: {''.join(seen)}")
+        # Keep draining its log so that the pipe never fills.
+        threading.Thread(target=self._process.stdout.read, daemon=True).start()
+
+    def client(self, **options: Any) -> Any:
+        """A new redis-py client for this server (``options`` as redis.Redis takes them)."""
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket), **options)
+
+    def freeze(self) -> None:
+        """Stop the server process (SIGSTOP): connections stay open and nothing answers."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop the server (idempotent); its socket file goes with it."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+        terminate(process)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A running redis-server of this test's own, on a unix socket; stopped afterwards."""
+    reason = redis_unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the Redis tests must run, not skip)", pytrace=False)
+        pytest.skip(reason)
+    # A short directory: a unix socket path must fit in 108 bytes.
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="redis-")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)

@@ -1,30 +1,30 @@
-"""Which session a get_access_token call is refreshing, for per-session credentials."""
+"""Which session a token source is refreshing: a context variable the scheduler sets."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
-_session: ContextVar[str | None] = ContextVar("token_refresh_session", default=None)
+_session_id: ContextVar[str | None] = ContextVar("token_refresh_session_id", default=None)
 
 
 def current_session_id() -> str | None:
-    """The session whose refresh is calling ``get_access_token`` now; None outside one.
+    """The session whose refresh is calling ``get_access_token``; None outside one.
 
-    A token source whose sessions have their own credentials reads it::
-
-        def get_access_token() -> str | None:
-            return oauth_clients[current_session_id()].fetch_token()
+    A Scheduler sets it around every ``get_access_token`` call, so a token
+    source with per-session credentials knows which ones to use. It follows
+    the call into threads started with ``contextvars.copy_context()``, as a
+    ``SharedToken`` fetch is.
     """
-    return _session.get()
+    return _session_id.get()
 
 
-@contextlib.contextmanager
-def refreshing(session_id: str) -> Iterator[None]:
-    """Run the block as the refresh of ``session_id``."""
-    token = _session.set(session_id)
+@contextmanager
+def session_context(session_id: str | None) -> Iterator[None]:
+    """Make ``current_session_id()`` return ``session_id`` inside the block."""
+    reset = _session_id.set(session_id)
     try:
         yield
     finally:
-        _session.reset(token)
+        _session_id.reset(reset)

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import events
-from ._context import refreshing
+from ._context import session_context
 from ._format import fingerprint, format_duration, format_instant, format_seconds
 from ._jwt import decode_jwt_expiry
 from ._runtime import ManualRuntime, Runtime, ThreadRuntime, Timer
@@ -902,7 +902,7 @@ class Scheduler:
         """Call get_access_token: the token (None if none), any error's type, and if it raised."""
         self._count(running=1)
         try:
-            with refreshing(session_id):
+            with session_context(session_id):
                 token: object = self._get_access_token()
         except BaseException as error:
             # By type only: an exception's message may quote a token.

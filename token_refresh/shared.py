@@ -1,0 +1,406 @@
+"""One token, fetched once, for every thread, process (FileStore) or host (RedisStore)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+
+from ._context import current_session_id
+from ._format import fingerprint
+from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._stores import (
+    FileStore,
+    Grant,
+    Lease,
+    MemoryStore,
+    Record,
+    RedisStore,
+    Store,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "FETCH_TIMEOUT",
+    "FetchTimeout",
+    "FileStore",
+    "Grant",
+    "InvalidGrant",
+    "Lease",
+    "MemoryStore",
+    "RateLimited",
+    "Record",
+    "RedisStore",
+    "SharedToken",
+    "Store",
+    "StoreUnavailable",
+]
+
+_log = logging.getLogger("token_refresh.shared")
+
+#: Seconds a call waits for its token unless ``fetch_timeout=`` says otherwise: the default
+#: ``lease_ttl`` plus 5, so that a caller outlasts a dead holder's lease and still fetches.
+FETCH_TIMEOUT = 35.0
+#: Seconds between looks at the store while another process holds the lease.
+_POLL_INTERVAL = 0.02
+#: Fetches still running past fetch_timeout for one key before calls fail at once.
+_MAX_STUCK = 3
+
+_live_tokens: weakref.WeakSet[SharedToken] = weakref.WeakSet()
+
+
+class FetchTimeout(TimeoutError):
+    """No token for the key within ``fetch_timeout``: the fetch or the store did not answer."""
+
+
+class RateLimited(Exception):
+    """Raise it from a fetch told to wait: a 429 with ``Retry-After``, or a failing endpoint.
+
+    Every caller sharing the key, in every process the store reaches, then
+    gets a ``RateLimited`` without fetching until ``retry_after`` seconds
+    have passed.
+    """
+
+    def __init__(self, retry_after: float, key: str | None = None) -> None:
+        self.retry_after = _seconds(retry_after, "retry_after")
+        self.key = key
+        where = "" if key is None else f" for key {key!r}"
+        super().__init__(f"token endpoint{where} asked to retry after {self.retry_after:.3g}s")
+
+
+class InvalidGrant(Exception):
+    """Raise it from a rotating fetch whose refresh token was refused (OAuth ``invalid_grant``).
+
+    It may only mean that a sibling rotated first, so the SharedToken waits
+    up to ``invalid_grant_wait`` seconds for a newer record before the call
+    fails with it.
+    """
+
+
+class _Flight:
+    """One fetch in progress (or just done) for a key, shared by the calls that join it."""
+
+    __slots__ = ("done", "error", "finished", "grant", "key", "started", "traceback")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.started = time.monotonic()
+        self.finished = 0.0  # wall time, like a token's fetched_at
+        self.done = threading.Event()
+        self.grant: Grant | None = None
+        self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
+
+
+def _seconds(value: object, name: str, *, optional: bool = False) -> float:
+    if value is None and optional:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must not be negative, not {value!r}")
+    return float(value)
+
+
+def _printable(key: str) -> str:
+    """The key for messages: a part that looks like a credential (a session id) is fingerprinted."""
+    return "/".join(
+        fingerprint(part)
+        if part.startswith("sk-ant-si-") or decode_jwt_payload(part) is not None
+        else part
+        for part in key.split("/")
+    )
+
+
+def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
+    _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
+
+
+class SharedToken:
+    """A ``get_access_token`` that fetches once for every caller sharing its key.
+
+    ``fetch()`` is your real token request: it returns an access token (a
+    ``str``, or a :class:`Grant` to tell an opaque token's lifetime) or None.
+    With ``rotating=True`` it is called as ``fetch(previous)`` with the last
+    :class:`Grant` stored for the key (None the first time) and returns the
+    new :class:`Grant` with its new refresh token, stored together.
+
+    A call returns a token from this process's cache or the store while it is
+    good (a JWT, or a Grant with ``expires_at``: more than ``min_ttl`` seconds
+    left; an opaque token: younger than ``max_age``), else joins the fetch in
+    flight for the key, else starts one: it runs on a daemon thread, under the
+    store's lease. The call returns the token, or None when ``fetch`` returned
+    None, or raises: ``FetchTimeout`` after ``fetch_timeout`` seconds (default
+    :data:`FETCH_TIMEOUT`, None: wait for ever), ``StoreUnavailable`` when the
+    store fails before a token is fetched, ``RateLimited`` while the key is
+    held back, or the fetch's own exception. A Scheduler counts None and every
+    exception as a failure and retries. A failed fetch's outcome is shared
+    with the calls that come within ``max_age`` after it, so a storm of callers
+    does not hammer a failing endpoint either.
+
+    With ``per_session=True`` each session has its own token, under the key
+    ``f"{key}/{current_session_id()}"``; ``fetch`` reads
+    :func:`token_refresh.current_session_id` to pick the credentials.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[..., str | Grant | None],
+        store: Store | None = None,
+        key: str = "default",
+        min_ttl: float = 300.0,
+        max_age: float | None = 5.0,
+        lease_ttl: float = 30.0,
+        *,
+        fetch_timeout: float | None = FETCH_TIMEOUT,
+        per_session: bool = False,
+        rotating: bool = False,
+        invalid_grant_wait: float = 2.0,
+    ) -> None:
+        if not callable(fetch):
+            raise TypeError("fetch must be callable")
+        if not isinstance(key, str) or not key:
+            raise TypeError("key must be a non-empty str")
+        self._fetch = fetch
+        self._store: Store = MemoryStore() if store is None else store
+        self._key = key
+        self._min_ttl = _seconds(min_ttl, "min_ttl")
+        self._max_age = 0.0 if max_age is None else _seconds(max_age, "max_age")  # None: never
+        self._lease_ttl = _seconds(lease_ttl, "lease_ttl")
+        self._fetch_timeout = _seconds(fetch_timeout, "fetch_timeout", optional=True)
+        if self._lease_ttl == 0 or self._fetch_timeout == 0:
+            raise ValueError("lease_ttl and fetch_timeout must be positive")
+        self._per_session = bool(per_session)
+        self._rotating = bool(rotating)
+        self._invalid_grant_wait = _seconds(invalid_grant_wait, "invalid_grant_wait")
+        self._cache: dict[str, Record] = {}  # the last record this process saw, per key
+        self._prune_at = 64
+        self._after_fork()
+        _live_tokens.add(self)
+
+    def _after_fork(self) -> None:
+        """A new lock and no flights: at construction, and in a forked child."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._running: set[_Flight] = set()
+        self._held: dict[str, float] = {}  # key -> wall time before which calls fail at once
+
+    def __repr__(self) -> str:
+        return f"SharedToken(key={_printable(self._key)!r}, store={self._store!r})"
+
+    def __call__(self) -> str | None:
+        """The access token: reused while good, else fetched once for every caller sharing it."""
+        if self._pid != os.getpid():
+            self._after_fork()  # forked without at-fork hooks (uWSGI)
+        key = self._key_for(current_session_id())
+        began = time.monotonic()
+        with self._lock:
+            record = self._cache.get(key)
+            if record is not None and record.grant is not None and self._usable(record):
+                return record.grant.access_token
+            held = self._held.get(key, 0.0) - time.time()
+            if held > 0:
+                raise RateLimited(held, _printable(key))
+            flight = self._flights.get(key)
+            start = flight is None or not self._joinable(flight, began)
+            if start:
+                if sum(running.key == key for running in self._running) >= _MAX_STUCK:
+                    raise FetchTimeout(
+                        f"{_MAX_STUCK} fetches for key {_printable(key)!r} are still running "
+                        "past fetch_timeout; not starting another"
+                    )
+                flight = self._flights[key] = _Flight(key)
+                self._running.add(flight)
+        assert flight is not None
+        if start:
+            thread = threading.Thread(
+                target=self._run,
+                args=(flight, contextvars.copy_context()),
+                name="token-refresh-shared",
+                daemon=True,
+            )
+            try:
+                thread.start()
+            except RuntimeError as error:  # the OS refused a thread
+                self._finish(flight, error=error)
+                with self._lock:
+                    self._running.discard(flight)
+                raise
+        if not flight.done.wait(min(self._fetch_timeout - (time.monotonic() - began), 1e9)):
+            raise FetchTimeout(
+                f"no token for key {_printable(key)!r} within {self._fetch_timeout:g}s: "
+                "the fetch or the store did not answer"
+            )
+        if flight.error is not None:
+            raise flight.error.with_traceback(flight.traceback)
+        return None if flight.grant is None else flight.grant.access_token
+
+    # -- in this process ------------------------------------------------------
+
+    def _key_for(self, session_id: str | None) -> str:
+        if not self._per_session:
+            return self._key
+        if session_id is None:
+            raise LookupError(
+                f"SharedToken(key={self._key!r}, per_session=True) called outside a session: "
+                "current_session_id() is None"
+            )
+        return f"{self._key}/{session_id}"
+
+    def _usable(self, record: Record) -> bool:
+        """Whether the record's token may be handed out now instead of fetching."""
+        grant = record.grant
+        if grant is None:
+            return False
+        now = time.time()
+        expiry = grant.expires_at
+        if expiry is None:
+            expiry = decode_jwt_expiry(grant.access_token)
+        if expiry is not None:
+            return expiry - now > self._min_ttl
+        return now - record.fetched_at < self._max_age
+
+    def _joinable(self, flight: _Flight, now: float) -> bool:
+        """Whether a new call shares this flight's outcome instead of starting a fetch."""
+        if not flight.done.is_set():
+            return now - flight.started < self._fetch_timeout  # past it, the fetch counts as stuck
+        # A failure (or None) is shared for max_age; a token is shared through the cache.
+        return flight.grant is None and time.time() - flight.finished < self._max_age
+
+    def _run(self, flight: _Flight, context: contextvars.Context) -> None:
+        try:
+            context.run(self._obtain, flight)
+        except BaseException as error:  # handed to every caller of the flight
+            if not flight.done.is_set():
+                self._finish(flight, error=error)
+            else:  # only this thread finishes a started flight: no race with the check
+                _log.error(
+                    "[shared:%s] %s after the token was delivered",
+                    _printable(flight.key),
+                    type(error).__name__,
+                )
+        finally:
+            with self._lock:
+                self._running.discard(flight)
+
+    def _finish(
+        self, flight: _Flight, record: Record | None = None, error: BaseException | None = None
+    ) -> None:
+        """Give the flight its outcome and wake its callers."""
+        with self._lock:
+            flight.finished = time.time()
+            if record is not None:
+                flight.grant = record.grant
+                self._cache[flight.key] = record
+            if isinstance(error, RateLimited):
+                self._held[flight.key] = time.time() + error.retry_after
+            if error is not None:
+                flight.error, flight.traceback = error, error.__traceback__
+                _log.debug(
+                    "[shared:%s] fetch failed: %s", _printable(flight.key), type(error).__name__
+                )
+            flight.done.set()
+            if len(self._cache) + len(self._flights) > self._prune_at:
+                self._prune(time.monotonic())
+
+    def _prune(self, now: float) -> None:
+        """Forget what no call can use any more (lock held), so per-session keys do not pile up."""
+        self._cache = {k: r for k, r in self._cache.items() if self._usable(r)}
+        self._flights = {k: f for k, f in self._flights.items() if self._joinable(f, now)}
+        self._held = {k: until for k, until in self._held.items() if until > time.time()}
+        self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
+
+    # -- through the store (on the flight's thread) ------------------------------
+
+    def _obtain(self, flight: _Flight) -> None:
+        """Reuse the stored token, or wait for the lease holder's, or fetch under the lease."""
+        key, store = flight.key, self._store
+        lease: Lease | None = None
+        stop_waiting = time.monotonic() + self._lease_ttl
+        try:
+            while True:
+                record = store.read(key)
+                if record is not None and self._usable(record):
+                    self._finish(flight, record)
+                    return
+                now = time.time()
+                if record is not None and record.blocked_until > now:
+                    raise RateLimited(record.blocked_until - now, _printable(key))
+                if lease is not None or time.monotonic() >= stop_waiting:
+                    break
+                lease = store.try_lease(key, self._lease_ttl)
+                if lease is None:
+                    time.sleep(_POLL_INTERVAL)
+            if lease is None:
+                _log.warning(
+                    "[shared:%s] lease still held after lease_ttl=%gs; fetching anyway",
+                    _printable(key),
+                    self._lease_ttl,
+                )
+            self._fetch_and_store(flight, record)
+        finally:
+            if lease is not None:
+                try:
+                    lease.release()
+                except StoreUnavailable as error:
+                    _warn(key, error, "the lease expires by itself")
+
+    def _fetch_and_store(self, flight: _Flight, record: Record | None) -> None:
+        key, store = flight.key, self._store
+        previous = None if record is None else record.grant
+        version = 0 if record is None else record.version
+        try:
+            result = self._fetch(previous) if self._rotating else self._fetch()
+        except RateLimited as limited:
+            try:
+                store.hold_back(key, time.time() + limited.retry_after)
+            except StoreUnavailable as error:
+                _warn(key, error, "held back in this process only")
+            raise
+        except InvalidGrant:
+            newer = self._await_newer(key, version) if self._rotating else None
+            if newer is None:
+                raise
+            self._finish(flight, newer)  # a sibling rotated first: its grant is good
+            return
+        if result is None or result == "":
+            self._finish(flight)
+            return
+        if isinstance(result, str):
+            result = Grant(result)
+        elif not isinstance(result, Grant):
+            raise TypeError(f"fetch returned {type(result).__name__}, not a str, Grant or None")
+        fresh = Record(result, version + 1, time.time())
+        try:
+            if not store.write(key, fresh):
+                _log.debug("[shared:%s] a newer token was stored meanwhile", _printable(key))
+        except StoreUnavailable as error:
+            _warn(key, error, "the token serves this process only")
+        _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(result.access_token))
+        self._finish(flight, fresh)
+
+    def _await_newer(self, key: str, version: int) -> Record | None:
+        """A record stored after ``version`` within invalid_grant_wait seconds, or None."""
+        give_up = time.monotonic() + self._invalid_grant_wait
+        while True:
+            record = self._store.read(key)
+            if record is not None and record.version > version and record.grant is not None:
+                return record
+            if time.monotonic() >= give_up:
+                return None
+            time.sleep(_POLL_INTERVAL)
+
+
+def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked children
+    for token in list(_live_tokens):
+        token._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
