@@ -30,7 +30,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Itera
 
 def post_fork(server: object, worker: object) -> None:
     from token_refresh import Scheduler
-    from token_refresh._oauth import fetch_token
+    from token_refresh.cli._oauth import fetch_token
     from token_refresh.shared import FileStore, SharedToken
 
     url, count, directory = (
