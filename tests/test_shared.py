@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -211,6 +212,19 @@ class TestReuse:
             traveller.shift(0.2)
             assert token() == "second"
 
+    def test_a_short_lived_jwt_is_shared_for_max_age(self) -> None:
+        """A JWT living less than min_ttl still serves the calls within max_age of its fetch."""
+        with time_machine.travel(START, tick=False) as traveller:
+            jwt = make_jwt({"exp": START + 120})  # 2 minutes: always within min_ttl=300
+            fetch = Fetcher(jwt, "second")
+            token = SharedToken(fetch, min_ttl=300, max_age=5)
+            assert call_from_threads(token, 8) == [jwt] * 8
+            traveller.shift(4.9)
+            assert token() == jwt
+            assert fetch.calls == 1
+            traveller.shift(0.2)
+            assert token() == "second"
+
     def test_max_age_none_fetches_every_time(self) -> None:
         """With max_age=None an opaque token is never reused."""
         fetch = Fetcher("first", "second")
@@ -348,6 +362,16 @@ class TestFetchTimeout:
         assert written.wait(10)
         assert token() == SECRET
         assert fetch.calls == 1
+
+    def test_default_fetch_timeout_outlasts_the_lease_and_the_schedulers_is_longer(
+        self,
+    ) -> None:
+        """By default a call waits lease_ttl + 5 s, and a Scheduler waits longer than that."""
+        assert SharedToken(Fetcher(), lease_ttl=2)._fetch_timeout == 7.0
+        assert SharedToken(Fetcher())._fetch_timeout == 35.0
+        defaults = Scheduler.__init__.__kwdefaults__
+        assert defaults is not None
+        assert defaults["fetch_timeout"] > SharedToken(Fetcher())._fetch_timeout
 
     def test_stuck_fetches_are_capped(self) -> None:
         """A new fetch starts once the hung one is past fetch_timeout, up to three stuck at once."""
@@ -487,6 +511,45 @@ class TestRotation:
                 traveller.shift(2)
         spent = [None if p is None else p.refresh_token for p in fetch.previous]
         assert spent == [None, "refresh-0", "refresh-1", "refresh-2"]
+
+    def test_a_failed_write_keeps_the_new_refresh_token_for_the_next_fetch(
+        self, tmp_path: Path
+    ) -> None:
+        """If the new grant could not be stored, the next fetch still gets it, not the spent one."""
+        with time_machine.travel(START, tick=False) as traveller:
+            fetch = Fetcher(*(Grant(f"access-{n}", f"refresh-{n}") for n in range(3)))
+            token = SharedToken(fetch.rotate, FileStore(tmp_path), "rot", rotating=True, max_age=1)
+            assert token() == "access-0"  # stored
+            (tmp_path / ".write.lock").unlink()
+            (tmp_path / ".write.lock").mkdir()  # the next write fails
+            traveller.shift(2)
+            assert token() == "access-1"  # served from this process only
+            (tmp_path / ".write.lock").rmdir()
+            traveller.shift(2)
+            assert token() == "access-2"
+        spent = [None if p is None else p.refresh_token for p in fetch.previous]
+        assert spent == [None, "refresh-0", "refresh-1"]
+
+    @pytest.mark.timeout(20)
+    def test_a_rotating_waiter_never_fetches_without_the_lease(self, tmp_path: Path) -> None:
+        """Past lease_ttl, a waiter of a rotating token still waits for a live holder's grant."""
+        gate = threading.Event()
+        fetch = Fetcher(Grant("access-0", "refresh-0"), gate=gate)
+        options: dict[str, Any] = {"rotating": True, "lease_ttl": 0.1, "fetch_timeout": 10}
+        holder = SharedToken(fetch.rotate, FileStore(tmp_path), "rot", **options)
+        waiter = SharedToken(fetch.rotate, FileStore(tmp_path), "rot", **options)
+        first = ReraisingThread(lambda: holder())
+        first.start()
+        assert fetch.started.wait(10)
+        results: list[str | None] = []
+        second = ReraisingThread(lambda: results.append(waiter()))
+        second.start()
+        assert not gate.wait(0.5)  # five lease_ttls pass (real time) while the holder fetches
+        gate.set()
+        first.join()
+        second.join()
+        assert results == ["access-0"]
+        assert fetch.calls == 1
 
     def test_invalid_grant_waits_for_the_sibling_that_rotated_first(self) -> None:
         """An invalid_grant is not a failure when a newer grant turns up in the store."""
@@ -709,6 +772,33 @@ class TestFileStore:
         (tmp_path / "file").write_text("")
         with pytest.raises(StoreUnavailable, match="FileStore"):
             FileStore(tmp_path / "file")
+
+    def test_a_directory_others_may_write_is_refused(self, tmp_path: Path) -> None:
+        """A directory anyone else can write to (to plant a token) is a PermissionError."""
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        with pytest.raises(PermissionError, match="mode 0700"):
+            FileStore(shared)
+        shared.chmod(0o700)
+        FileStore(shared)
+
+    def test_lease_files_are_made_private(self, tmp_path: Path) -> None:
+        """A lease file left with a wide mode is narrowed to 0600 when it is next locked."""
+        (tmp_path / "k.lease").write_text("")
+        (tmp_path / "k.lease").chmod(0o666)
+        SharedToken(Fetcher(), FileStore(tmp_path), "k")()
+        assert stat.S_IMODE((tmp_path / "k.lease").stat().st_mode) == 0o600
+
+    def test_errors_never_quote_a_credential_like_session_id(self, tmp_path: Path) -> None:
+        """A store error names the key with its session part fingerprinted, file names left out."""
+        session = "sk-ant-si-SESSIONsecret0123456789"
+        (tmp_path / f"k%2F{session}.json").mkdir()  # reading this session's record fails
+        token = SharedToken(Fetcher(), FileStore(tmp_path), "k", per_session=True)
+        with session_context(session), pytest.raises(StoreUnavailable) as raised:
+            token()
+        assert "SESSIONsecret" not in str(raised.value)
+        assert "k/sha256:" in str(raised.value)
 
     def test_a_failed_write_still_delivers(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture

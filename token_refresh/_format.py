@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import UTC, datetime, timedelta
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -42,6 +43,15 @@ def format_duration(seconds: float) -> str:
 def fingerprint(token: str) -> str:
     """A short, non-reversible stand-in for a token in logs and events."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+# A JWS or JWE: a base64url JSON header ("eyJ" is '{"') and then a dot.
+_JOSE_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.")
+
+
+def looks_like_credential(value: str) -> bool:
+    """Whether an identifier looks like a token (a JWS or JWE, or the ``sk-ant-si-`` prefix)."""
+    return "sk-ant-si-" in value or _JOSE_SHAPE.search(value) is not None
 
 
 def format_seconds(value: float) -> str:

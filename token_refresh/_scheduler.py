@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import random
-import re
 import threading
 import time
 import weakref
@@ -20,7 +19,13 @@ from typing import Any, Literal
 
 from . import events
 from ._context import session_context
-from ._format import fingerprint, format_duration, format_instant, format_seconds
+from ._format import (
+    fingerprint,
+    format_duration,
+    format_instant,
+    format_seconds,
+    looks_like_credential,
+)
 from ._jwt import decode_jwt_expiry
 from ._runtime import ManualRuntime, Runtime, ThreadRuntime, Timer
 from .testing import ManualClock
@@ -39,8 +44,9 @@ REFRESH_RETRY_DELAY = 60.0
 MAX_REFRESH_FAILURES = 3
 #: Floor, in seconds, for delays computed from ``expires_in``.
 EXPIRES_IN_FLOOR = 30.0
-#: Seconds a get_access_token call may run before it counts as a failure.
-FETCH_TIMEOUT = 30.0
+#: Seconds a get_access_token call may run before it counts as a failure: longer
+#: than a SharedToken waits by default (its lease_ttl, 30, plus 5).
+FETCH_TIMEOUT = 60.0
 
 # A wait longer than this is a wait for ever (threading refuses longer timeouts).
 _LONGEST_WAIT = float(threading.TIMEOUT_MAX)
@@ -133,10 +139,6 @@ class _Outcome:
         self.stale_next: tuple[_Pending, str] | None = None
 
 
-# A JWS or JWE: a base64url JSON header ("eyJ" is '{"') and then a dot.
-_JOSE_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.")
-
-
 class _SessionId:
     """A session id as logged: a fingerprint if it looks like a credential (formatted lazily)."""
 
@@ -146,9 +148,7 @@ class _SessionId:
         self.value = value
 
     def __str__(self) -> str:
-        value = self.value
-        secret = "sk-ant-si-" in value or _JOSE_SHAPE.search(value) is not None
-        return fingerprint(value) if secret else value
+        return fingerprint(self.value) if looks_like_credential(self.value) else self.value
 
 
 def _seconds(value: object, name: str) -> float:
@@ -205,7 +205,7 @@ class Scheduler:
     - ``refresh_buffer`` (300): how long before a token's expiry it is refreshed.
     - ``retry_delay`` (60): how long after a failed refresh it is retried.
     - ``follow_up_interval`` (1800): how long after a refresh the next one comes.
-    - ``fetch_timeout`` (30, None: never): how long a ``get_access_token`` call
+    - ``fetch_timeout`` (60, None: never): how long a ``get_access_token`` call
       may run before it counts as a failure; its worker is replaced meanwhile.
     - ``max_workers`` (4): threads that run ``get_access_token`` and ``on_refresh``.
     - ``timers`` (``"thread"``): one timer thread per pending session; ``"heap"``:

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
-from ._format import fingerprint
+from ._format import fingerprint, looks_like_credential
 
 if TYPE_CHECKING:
     import redis
@@ -193,6 +194,13 @@ class MemoryStore:
             self._records[key] = replace(self._records.get(key, Record(None)), blocked_until=until)
 
 
+def printable(key: str) -> str:
+    """The key for messages: a part that looks like a credential (a session id) is fingerprinted."""
+    return "/".join(
+        fingerprint(part) if looks_like_credential(part) else part for part in key.split("/")
+    )
+
+
 # -- one host: files -------------------------------------------------------------
 
 # Locks this process holds, so that a forked child can close its copies: a
@@ -204,8 +212,9 @@ class _Flock:
     """An exclusive ``flock`` on a file that is never unlinked, so all lock one inode."""
 
     def __init__(self, path: Path, *, blocking: bool) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # one made by an older umask, or by hand
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(fd)
@@ -235,7 +244,9 @@ def _os_errors(what: str, key: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise StoreUnavailable(f"{what} failed for key {key!r}: {error}") from None
+        # strerror, not str(error): the OSError's text quotes the file name, which holds the key.
+        reason = error.strerror or (type(error).__name__ if error.filename else str(error))
+        raise StoreUnavailable(f"{what} failed for key {printable(key)!r}: {reason}") from None
 
 
 class FileStore:
@@ -252,6 +263,13 @@ class FileStore:
         self._directory = Path(directory)
         with _os_errors(f"FileStore({str(self._directory)!r})", "*"):
             self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(self._directory)
+        # Anyone who can write there could plant a token or hold the lease for ever.
+        if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o022 or info.st_uid != os.geteuid():
+            raise PermissionError(
+                f"FileStore({str(self._directory)!r}): the directory must be a real directory "
+                "of this user that no one else may write to (mode 0700)"
+            )
 
     def __repr__(self) -> str:
         return f"FileStore({str(self._directory)!r})"
@@ -363,7 +381,7 @@ class RedisStore:
             yield
         except self._redis_error as error:
             raise StoreUnavailable(
-                f"Redis failed for key {key!r}: {type(error).__name__}: {error}"
+                f"Redis failed for key {printable(key)!r}: {type(error).__name__}: {error}"
             ) from None
 
     def read(self, key: str) -> Record | None:

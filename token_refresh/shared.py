@@ -14,7 +14,7 @@ from types import TracebackType
 
 from ._context import current_session_id
 from ._format import fingerprint
-from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._jwt import decode_jwt_expiry
 from ._stores import (
     FileStore,
     Grant,
@@ -25,6 +25,7 @@ from ._stores import (
     Store,
     StoreUnavailable,
 )
+from ._stores import printable as _printable
 
 __all__ = [
     "FETCH_TIMEOUT",
@@ -44,15 +45,22 @@ __all__ = [
 
 _log = logging.getLogger("token_refresh.shared")
 
-#: Seconds a call waits for its token unless ``fetch_timeout=`` says otherwise: the default
-#: ``lease_ttl`` plus 5, so that a caller outlasts a dead holder's lease and still fetches.
-FETCH_TIMEOUT = 35.0
+#: Seconds a call waits for its token beyond ``lease_ttl`` unless ``fetch_timeout=`` says
+#: otherwise, so that a caller outlasts a dead holder's lease and still fetches.
+FETCH_TIMEOUT = 5.0
 #: Seconds between looks at the store while another process holds the lease.
 _POLL_INTERVAL = 0.02
 #: Fetches still running past fetch_timeout for one key before calls fail at once.
 _MAX_STUCK = 3
 
 _live_tokens: weakref.WeakSet[SharedToken] = weakref.WeakSet()
+
+
+class _Default:
+    """The type of a keyword's "not given" marker."""
+
+
+_DEFAULT = _Default()
 
 
 class FetchTimeout(TimeoutError):
@@ -108,16 +116,6 @@ def _seconds(value: object, name: str, *, optional: bool = False) -> float:
     return float(value)
 
 
-def _printable(key: str) -> str:
-    """The key for messages: a part that looks like a credential (a session id) is fingerprinted."""
-    return "/".join(
-        fingerprint(part)
-        if part.startswith("sk-ant-si-") or decode_jwt_payload(part) is not None
-        else part
-        for part in key.split("/")
-    )
-
-
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
     _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
 
@@ -137,7 +135,7 @@ class SharedToken:
     flight for the key, else starts one: it runs on a daemon thread, under the
     store's lease. The call returns the token, or None when ``fetch`` returned
     None, or raises: ``FetchTimeout`` after ``fetch_timeout`` seconds (default
-    :data:`FETCH_TIMEOUT`, None: wait for ever), ``StoreUnavailable`` when the
+    ``lease_ttl`` plus :data:`FETCH_TIMEOUT`, None: wait for ever), ``StoreUnavailable`` when the
     store fails before a token is fetched, ``RateLimited`` while the key is
     held back, or the fetch's own exception. A Scheduler counts None and every
     exception as a failure and retries. A failed fetch's outcome is shared
@@ -158,7 +156,7 @@ class SharedToken:
         max_age: float | None = 5.0,
         lease_ttl: float = 30.0,
         *,
-        fetch_timeout: float | None = FETCH_TIMEOUT,
+        fetch_timeout: float | _Default | None = _DEFAULT,
         per_session: bool = False,
         rotating: bool = False,
         invalid_grant_wait: float = 2.0,
@@ -173,7 +171,11 @@ class SharedToken:
         self._min_ttl = _seconds(min_ttl, "min_ttl")
         self._max_age = 0.0 if max_age is None else _seconds(max_age, "max_age")  # None: never
         self._lease_ttl = _seconds(lease_ttl, "lease_ttl")
-        self._fetch_timeout = _seconds(fetch_timeout, "fetch_timeout", optional=True)
+        self._fetch_timeout = (
+            self._lease_ttl + FETCH_TIMEOUT
+            if isinstance(fetch_timeout, _Default)
+            else _seconds(fetch_timeout, "fetch_timeout", optional=True)
+        )
         if self._lease_ttl == 0 or self._fetch_timeout == 0:
             raise ValueError("lease_ttl and fetch_timeout must be positive")
         self._per_session = bool(per_session)
@@ -263,9 +265,10 @@ class SharedToken:
         expiry = grant.expires_at
         if expiry is None:
             expiry = decode_jwt_expiry(grant.access_token)
+        young = now - record.fetched_at < self._max_age  # a storm shares one fetch
         if expiry is not None:
-            return expiry - now > self._min_ttl
-        return now - record.fetched_at < self._max_age
+            return expiry - now > self._min_ttl or (young and expiry > now)
+        return young
 
     def _joinable(self, flight: _Flight, now: float) -> bool:
         """Whether a new call shares this flight's outcome instead of starting a fetch."""
@@ -333,8 +336,8 @@ class SharedToken:
                 now = time.time()
                 if record is not None and record.blocked_until > now:
                     raise RateLimited(record.blocked_until - now, _printable(key))
-                if lease is not None or time.monotonic() >= stop_waiting:
-                    break
+                if lease is not None or (time.monotonic() >= stop_waiting and not self._rotating):
+                    break  # a rotating fetch waits for the lease: a refresh token is spent once
                 lease = store.try_lease(key, self._lease_ttl)
                 if lease is None:
                     time.sleep(_POLL_INTERVAL)
@@ -354,6 +357,10 @@ class SharedToken:
 
     def _fetch_and_store(self, flight: _Flight, record: Record | None) -> None:
         key, store = flight.key, self._store
+        with self._lock:
+            ours = self._cache.get(key)
+        if ours is not None and (record is None or ours.version > record.version):
+            record = ours  # newer than the store's: our last write failed, keep its refresh token
         previous = None if record is None else record.grant
         version = 0 if record is None else record.version
         try:
@@ -403,4 +410,5 @@ def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked childre
         token._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
