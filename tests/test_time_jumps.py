@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -276,6 +277,22 @@ class TestRealClockSteps:
             assert delivered.wait(8), "no refresh within a few seconds of the step"
             assert time.time() < exp
 
+    def test_set_back_and_forward_between_two_wakes_is_seen(
+        self, timer_backend: str, wall: SteppableWall
+    ) -> None:
+        """A watcher already running, the clock set back, a refresh armed, the clock set right."""
+        wall.offset = 0.0
+        delivered = threading.Event()
+        with Scheduler(lambda: "t", lambda s, t: None, label="other") as other:
+            other.schedule_from_expires_in("s", HOUR)  # the watcher has read the right time
+            with Scheduler(lambda: "t", lambda s, t: delivered.set(), refresh_buffer=10) as sched:
+                wall.offset = -HOUR
+                exp = time.time() + 12
+                sched.schedule("s", make_jwt({"exp": exp}))
+                wall.offset = 0.0  # within one watcher interval: no reading saw it slow
+                assert delivered.wait(8)
+                assert time.time() < exp
+
     def test_a_step_back_delays_nothing(self, timer_backend: str, wall: SteppableWall) -> None:
         """The wall clock stepped back an hour under a pending refresh: it still comes on time."""
         wall.offset = 0.0
@@ -308,6 +325,33 @@ class TestRealClockSteps:
             thread.join(5)  # it ends at once when the last timer goes
             assert not thread.is_alive()
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    def test_a_forked_child_starts_its_own_watcher(self, wall: SteppableWall) -> None:
+        """A child of fork() inherits no watcher; its own timers get one, and a step is seen."""
+        wall.offset = 0.0
+        with Scheduler(lambda: "t", lambda s, t: None, label="parent") as parent:
+            parent.schedule_from_expires_in("s", HOUR)  # the parent's watcher runs
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child; its exit code is the result
+                code = 99
+                try:
+                    code = _child_sees_a_step(wall)
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _child_sees_a_step(wall: SteppableWall) -> int:  # pragma: no cover - runs in a child
+    if [t for t in threading.enumerate() if t.name == "token-refresh-clock-watch"]:
+        return 2
+    delivered = threading.Event()
+    with Scheduler(lambda: "t", lambda s, t: delivered.set(), refresh_buffer=10) as sched:
+        wall.offset = -HOUR
+        sched.schedule("s", make_jwt({"exp": time.time() + 12}))
+        wall.offset = 0.0
+        return 0 if delivered.wait(8) else 3
+
 
 class TestWatcherEdges:
     def test_refused_thread_leaves_timers_on_monotonic_time(
@@ -329,3 +373,16 @@ class TestWatcherEdges:
             watcher.add(backend)
         assert watcher._thread is None
         watcher.discard(backend)
+
+    def test_a_refused_timer_thread_is_not_watched(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A timer whose thread the OS refuses raises, and leaves nothing for the watcher."""
+        timers = runtime.ThreadTimers("token-refresh-refused")
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                timers.prepare(60, lambda: None, time.time() + 60)
+        assert timers not in set(runtime._watcher._watched)

@@ -149,6 +149,7 @@ class _ClockWatcher:
     _watched: weakref.WeakSet[_Watched]
     _thread: threading.Thread | None
     _last: tuple[float, float]
+    _lowest: float
 
     def __init__(self) -> None:
         self.after_fork()
@@ -158,7 +159,7 @@ class _ClockWatcher:
             self._watched.add(watched)
             if self._thread is not None:
                 return
-            self._last = _offsets()  # before returning, so a step right after is seen
+            self._last, self._lowest = _offsets(), math.inf  # a step right after is seen
             self._thread = thread = threading.Thread(
                 target=self._run, name="token-refresh-clock-watch", daemon=True
             )
@@ -177,14 +178,16 @@ class _ClockWatcher:
     def _run(self) -> None:
         while True:
             with self._lock:
-                if self._watched:
-                    self._lock.wait(_WATCH_INTERVAL)
+                self._lock.wait(_WATCH_INTERVAL)  # cut short by discard() of the last one
                 if not self._watched:
                     self._thread = None
                     return
                 watched = list(self._watched)
                 last, self._last = self._last, _offsets()
-            wall, boot = self._last[0] - last[0], self._last[1] - last[1]
+                # A timer armed while the wall clock was behind (set back, then
+                # forward again within one interval) counts from what it read.
+                since, self._lowest = min(last[0], self._lowest), math.inf
+            wall, boot = self._last[0] - since, self._last[1] - last[1]
             if wall > _JUMP or boot > _JUMP:  # a step back changes nothing: deadlines hold
                 for backend in watched:
                     backend.clock_jumped()
@@ -196,6 +199,12 @@ class _ClockWatcher:
         self._watched = weakref.WeakSet()
         self._thread = None
         self._last = (0.0, 0.0)
+        self._lowest = math.inf  # the least wall offset a timer was armed with since then
+
+    def saw(self, offset: float) -> None:
+        """A timer was armed reading this wall-minus-monotonic offset (no lock: a hint)."""
+        if offset < self._lowest:
+            self._lowest = offset
 
 
 _watcher = _ClockWatcher()
@@ -205,7 +214,9 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which
 
 def _fires_at(deadline: float, due: float) -> float:
     """The monotonic moment a timer fires: its deadline, or its wall due time if earlier."""
-    return min(deadline, time.monotonic() + (due - _wall()))
+    offset = _wall() - time.monotonic()
+    _watcher.saw(offset)
+    return min(deadline, due - offset)
 
 
 # -- Timers -------------------------------------------------------------------
@@ -245,8 +256,9 @@ class _SessionTimer:
         self._owner = owner
         self._held = held  # due, but waits for unhold()
         self._wake = threading.Condition(threading.Lock())
-        self._deadline = deadline  # monotonic
-        self._due = due  # wall time: it fires then if that comes first
+        # Monotonic: its delay's end, or its wall due time if that comes first.
+        self._deadline = None if deadline is None else _fires_at(deadline, due)
+        self._due = due
         self._callback = callback
         self._state = "armed" if callback is not None else "parked"  # or "done"
         self._wakes_at = 0.0  # when the thread wakes by itself (monotonic)
@@ -284,8 +296,8 @@ class _SessionTimer:
         with self._wake:
             if self._state != "parked":
                 return False
-            self._state, self._deadline, self._callback = "armed", deadline, callback
-            self._due = due
+            self._state, self._callback = "armed", callback
+            self._deadline, self._due = _fires_at(deadline, due), due
             # Else it wakes before the deadline anyway and sees it: a follow-up
             # re-armed in a storm costs no extra thread wake-up.
             self._wake_if_earlier()
@@ -294,11 +306,14 @@ class _SessionTimer:
     def clock_jumped(self) -> None:
         """The wall clock moved ahead (the clock watcher's call): wake if due sooner now."""
         with self._wake:
-            self._wake_if_earlier()
+            if self._state == "armed":
+                assert self._deadline is not None
+                self._deadline = _fires_at(self._deadline, self._due)
+                self._wake_if_earlier()
 
     def _wake_if_earlier(self) -> None:
         """Wake the thread if it fires before it would wake by itself (lock held)."""
-        if self._deadline is not None and _fires_at(self._deadline, self._due) < self._wakes_at:
+        if self._deadline is not None and self._deadline < self._wakes_at:
             self._wake.notify()
 
     def _run(self) -> None:
@@ -311,7 +326,7 @@ class _SessionTimer:
                         self._state = "done"
                     continue
                 assert self._deadline is not None
-                remaining = min(self._deadline - now, self._due - _wall())
+                remaining = self._deadline - now
                 if self._held and remaining <= 0:
                     self._wakes_at = math.inf
                     self._wake.wait()  # due before it was published: until unhold()
