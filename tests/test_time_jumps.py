@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from token_refresh import Scheduler, events
+from token_refresh import Scheduler, events, testing
 from token_refresh import _runtime as runtime
 from token_refresh.testing import ManualClock
 
@@ -183,6 +183,38 @@ class TestJumpsOnEveryTimer:
         assert len(recorder.gets) == before
         clock.advance(1)
         assert recorder.gets[before:] == [due - HOUR - START]
+
+
+class TestAdvanceAlwaysReturns:
+    def test_a_timer_rearming_itself_for_now_raises(
+        self, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A callback that re-arms itself for now makes advance() raise, not spin for ever."""
+        monkeypatch.setattr(testing, "_LOOP_LIMIT", 1000)
+
+        def again() -> None:
+            clock.call_later(0, again)
+
+        clock.call_later(1, again)
+        with pytest.raises(RuntimeError, match="more than 1,000 timers ran at one instant"):
+            clock.advance(1)
+        assert clock.time() == START + 1
+
+    def test_work_queueing_itself_raises(
+        self, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Work that queues itself again with run_soon() raises, and the clock stays usable."""
+        monkeypatch.setattr(testing, "_LOOP_LIMIT", 1000)
+
+        def again() -> None:
+            clock.run_soon(again)
+
+        with pytest.raises(RuntimeError, match="pieces of work queued one another"):
+            clock.run_soon(again)
+        fired: list[float] = []
+        clock.call_later(1, lambda: fired.append(clock.time()))
+        clock.advance(1)
+        assert fired == [START + 1]
 
 
 class TestSlowWallClockAtSchedule:

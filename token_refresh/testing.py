@@ -12,6 +12,9 @@ from collections.abc import Callable
 __all__ = ["ManualClock"]
 
 _NS = 1_000_000_000
+#: Callbacks that may run at one instant (timers, or work they queue) before
+#: advance() calls it a loop and raises, instead of never returning.
+_LOOP_LIMIT = 1_000_000
 
 
 class _ManualTimer:
@@ -125,8 +128,13 @@ class ManualClock:
         if self._running:
             raise RuntimeError("advance() cannot be called from inside a timer callback")
         target = self._monotonic + span
+        same_instant = 0
         while (timer := self._pop_due(target)) is not None:
-            self._move_to(max(self._monotonic, self._fires_at(timer)))
+            moment = self._fires_at(timer)
+            same_instant = 0 if moment > self._monotonic else same_instant + 1
+            if same_instant > _LOOP_LIMIT:
+                raise RuntimeError(_loop("timers ran at one instant"))
+            self._move_to(max(self._monotonic, moment))
             self._run(timer.callback)
         self._move_to(target)
 
@@ -179,10 +187,18 @@ class ManualClock:
         try:
             if callback is not None:
                 callback()
-            while self._ready:
+            for _ in range(_LOOP_LIMIT):
+                if not self._ready:
+                    return
                 self._ready.popleft()()
+            self._ready.clear()
+            raise RuntimeError(_loop("pieces of work queued one another"))
         finally:
             self._running = False
+
+
+def _loop(what: str) -> str:
+    return f"more than {_LOOP_LIMIT:,} {what}: a callback that re-arms itself for now loops"
 
 
 def _nothing() -> None:
