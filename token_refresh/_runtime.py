@@ -150,6 +150,7 @@ class _ClockWatcher:
     _thread: threading.Thread | None
     _last: tuple[float, float]
     _lowest: float
+    _pid: int
 
     def __init__(self) -> None:
         self.after_fork()
@@ -195,11 +196,17 @@ class _ClockWatcher:
 
     def after_fork(self) -> None:
         """Start empty: a child of fork() has no watcher thread and no timers (no I/O)."""
+        self._pid = os.getpid()
         self._lock = threading.Condition(threading.Lock())
         self._watched = weakref.WeakSet()
         self._thread = None
         self._last = (0.0, 0.0)
         self._lowest = math.inf  # the least wall offset a timer was armed with since then
+
+    def forked(self) -> None:
+        """Start empty in a child whose fork hooks did not run (uWSGI forks in C)."""
+        if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
+            self.after_fork()
 
     def saw(self, offset: float) -> None:
         """A timer was armed reading this wall-minus-monotonic offset (no lock: a hint)."""
@@ -694,6 +701,7 @@ class ThreadRuntime:
         self.after_fork()
 
     def after_fork(self) -> None:
+        _watcher.forked()  # the inherited watcher's lock may be held by a thread not here
         self._timers: ThreadTimers | HeapTimers = self._timer_kind(self._name)
         self._workers = Workers(
             f"{self._name}-worker", self._max_workers, max_stuck=self._max_workers
