@@ -418,3 +418,24 @@ class TestWatcherEdges:
             with pytest.raises(RuntimeError, match="can't start new thread"):
                 timers.prepare(60, lambda: None, time.time() + 60)
         assert timers not in set(runtime._watcher._watched)
+
+    @pytest.mark.realclock
+    @pytest.mark.timeout(20)
+    def test_a_jump_fires_armed_timers_and_leaves_parked_ones(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Told of a jump, the thread backend fires what is due by wall time; parked timers wait."""
+        timers = runtime.ThreadTimers("token-refresh-jump")
+        parked = timers.reserve()
+        timers.start(parked)
+        fired, rearmed = threading.Event(), threading.Event()
+        armed = timers.arm(HOUR, fired.set, None, time.time() + HOUR)
+        timers.start(armed)
+        monkeypatch.setattr(runtime, "_wall", lambda: time.time() + 2 * HOUR)
+        timers.clock_jumped()
+        assert fired.wait(5)
+        assert isinstance(parked, runtime._SessionTimer)
+        assert parked.rearm(time.monotonic(), time.time(), rearmed.set)  # still parked
+        assert rearmed.wait(5)
+        for thread in timers.stop():
+            thread.join(5)
