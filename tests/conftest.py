@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from token_refresh import Scheduler
+from token_refresh import Scheduler, _scheduler
 from token_refresh.testing import ManualClock
 
 START = 1_800_000_000.0
@@ -108,6 +108,16 @@ class ReraisingThread(threading.Thread):
             raise AssertionError(f"{self.name} did not finish within {timeout}s")
         if self.error is not None:
             raise self.error
+
+
+@pytest.fixture
+def sub_second_delays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower the 1 s floor of retry_delay and follow_up_interval, for a fast real-clock story.
+
+    Only for the demo and end-to-end tests, which shrink minutes to fractions
+    of a second; every other test keeps the floor users get.
+    """
+    monkeypatch.setattr(_scheduler, "MIN_DELAY", 0.01)
 
 
 @pytest.fixture(params=["thread", "heap"])

@@ -35,6 +35,8 @@ from token_refresh.cli._oauth import (
 
 from conftest import START, HungUp, MockOAuthServer, b64url, make_jwt
 
+pytestmark = pytest.mark.usefixtures("sub_second_delays")  # the demos run on shrunk delays
+
 SIGNATURE = "c2lnbmF0dXJl"  # make_jwt's signature segment
 PERSONAL = {"sub": "user-8c41f2", "email": "ada@example.org", "name": "Ada Lovelace"}
 JSON_KEYS = {

@@ -16,6 +16,8 @@ from token_refresh.cli import _demo, main
 
 from conftest import HungUp, ReraisingThread
 
+pytestmark = pytest.mark.usefixtures("sub_second_delays")  # the story runs at up to 20x speed
+
 CLOSING = (
     "All 3 sessions refreshed 2 times and hold a fresh token; schedulers closed, no threads left."
 )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from token_refresh import Scheduler, _scheduler, decode_jwt_expiry, decode_jwt_payload, events
+from token_refresh import Scheduler, decode_jwt_expiry, decode_jwt_payload, events
 from token_refresh.cli._oauth import TokenRequestError, discover_token_endpoint, fetch_token
 
 from conftest import MockOAuthServer
@@ -100,7 +100,7 @@ def client(oauth_server: MockOAuthServer) -> Client:
 
 
 @pytest.fixture
-def scheduler(client: Client) -> Iterator[Scheduler]:
+def scheduler(client: Client, sub_second_delays: None) -> Iterator[Scheduler]:
     with Scheduler(
         client.get_access_token,
         client.on_refresh,
@@ -108,6 +108,7 @@ def scheduler(client: Client) -> Iterator[Scheduler]:
         refresh_buffer=BUFFER,
         retry_delay=RETRY,
         follow_up_interval=60,  # never due here: only exp or expires_in drives a refresh
+        expires_in_floor=0.5,  # the seed's 30 s floor, shrunk like the token lifetimes
         on_event=client.on_event,
     ) as sched:
         yield sched
@@ -161,11 +162,9 @@ class TestStaysFresh:
         assert client.errors == []
 
     def test_schedule_from_expires_in_of_each_response(
-        self, client: Client, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+        self, client: Client, scheduler: Scheduler
     ) -> None:
         """A session rescheduled from each response's expires_in stays fresh for 3 cycles."""
-        # The seed's 30 s floor for expires_in delays, shrunk like the token lifetimes.
-        monkeypatch.setattr(_scheduler, "EXPIRES_IN_FLOOR", 0.5)
 
         def reschedule(session_id: str, token: str) -> None:
             expires_in = client.expires_in[token]

@@ -450,12 +450,13 @@ class TestHungFetches:
             get_access_token,
             on_refresh,
             fetch_timeout=0.05,
-            retry_delay=0.05,
             refresh_buffer=0,
             on_event=log,
         )  # max_workers: 4, the default
-        for n in range(4):
-            sched.schedule(f"hung-{n}", expiring_in(-1))
+        for attempt in (1, 2, 3):  # an expired token is refreshed at once: no retry_delay
+            for n in range(4):
+                sched.schedule(f"hung-{n}", expiring_in(-1))
+            log.wait(events.RefreshFailed, count=4 * attempt)
         log.wait(events.GaveUp, count=4)  # three attempts each, two of them never called
         assert calls == {f"hung-{n}": 1 for n in range(4)}
         assert sched.stats().stuck == 4

@@ -81,8 +81,8 @@ class TestConstructorArguments:
             ({"refresh_buffer": "300"}, TypeError, "refresh_buffer must be a number"),
             ({"refresh_buffer": -1}, ValueError, "must not be negative"),
             ({"refresh_buffer": float("nan")}, ValueError, "refresh_buffer must be finite"),
-            ({"retry_delay": 0}, ValueError, "must be positive"),
-            ({"follow_up_interval": -5}, ValueError, "must be positive"),
+            ({"retry_delay": 0}, ValueError, "retry_delay must be at least 1 second"),
+            ({"follow_up_interval": -5}, ValueError, "follow_up_interval must be at least 1"),
             ({"max_workers": 0}, ValueError, "at least 1"),
             ({"max_workers": 2.0}, TypeError, "max_workers must be an int"),
             ({"max_workers": True}, TypeError, "max_workers must be an int"),
@@ -110,7 +110,7 @@ class TestRefusedTimer:
     ) -> None:
         """If no timer can be armed (no threads left), schedule() raises and keeps the old one."""
 
-        def refuse(delay: float, callback: object) -> None:
+        def refuse(delay: float, callback: object, **due: object) -> None:
             raise RuntimeError("can't start new thread")
 
         with monkeypatch.context() as patch:
@@ -136,7 +136,7 @@ class TestRefusedTimer:
         scheduler.schedule_from_expires_in("s1", 600)
         original = clock.call_later
 
-        def refuse(delay: float, callback: object) -> None:
+        def refuse(delay: float, callback: object, **due: object) -> None:
             raise RuntimeError("can't start new thread")
 
         monkeypatch.setattr(clock, "call_later", refuse)

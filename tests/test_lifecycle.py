@@ -329,7 +329,7 @@ class TestFork:
             delivered[session_id].set()
 
         sched = Scheduler(
-            lambda: "t", on_refresh, refresh_buffer=0, follow_up_interval=0.05, label="fork"
+            lambda: "t", on_refresh, refresh_buffer=0, follow_up_interval=1, label="fork"
         )
         sched.schedule("warm", make_jwt({"exp": 1}))  # starts the worker pool
         assert delivered["warm"].wait(10)

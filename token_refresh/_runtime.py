@@ -33,6 +33,16 @@ EXIT_GRACE = 1.0
 # with the retry or follow-up before it gives up and exits.
 _PARK_LIMIT = 300.0
 
+# The clock watcher wakes this often (seconds), and calls a change of the wall
+# clock against the monotonic one larger than _JUMP a jump (a suspend, a step).
+_WATCH_INTERVAL = 2.0
+_JUMP = 1.0
+
+
+def _wall() -> float:
+    """The wall clock every real timer and scheduler reads (tests step it by patching this)."""
+    return time.time()
+
 
 def _internal_error() -> None:
     """Log a bug in the library's own callbacks (they report user errors themselves)."""
@@ -50,17 +60,26 @@ class Runtime(Protocol):
     def time(self) -> float:
         """Wall time, Unix seconds: decides when tokens expire."""
 
-    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
-        """Arm ``callback`` after ``delay`` (under the caller's lock: never starts a thread).
+    def monotonic(self) -> float:
+        """Monotonic time, seconds: decides when delays have run."""
 
-        ``reuse`` is the timer that started the refresh now arming its retry
-        or follow-up; a backend may re-arm it instead of making a new one.
+    def fires_at(self, due: float, deadline: float) -> float:
+        """Wall time a timer fires that is due at ``due`` (wall) or ``deadline`` (monotonic)."""
+
+    def arm(
+        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
+    ) -> Timer:
+        """Arm ``callback`` after ``delay``, or at wall time ``due`` if that comes first.
+
+        Called under the caller's lock: never starts a thread. ``reuse`` is
+        the timer that started the refresh now arming its retry or follow-up;
+        a backend may re-arm it instead of making a new one.
         """
 
     def reserve(self) -> Timer | None:
         """A timer for an immediate refresh to re-arm later, or None if the backend needs none."""
 
-    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer | None:
+    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer | None:
         """A timer started but held (lock not held); None: arm() it under the lock instead.
 
         The thread backend starts a timer's thread before the caller takes its
@@ -95,6 +114,118 @@ class Runtime(Protocol):
         """Forget every thread and lock: the child of a fork() has none of them."""
 
 
+# -- The clock watcher ----------------------------------------------------------
+
+
+class _Watched(Protocol):
+    def clock_jumped(self) -> None:
+        """The wall clock moved ahead of the monotonic one: fire what is due by wall time."""
+
+
+def _offsets() -> tuple[float, float]:
+    """Wall minus monotonic time and, where Linux has it, boot minus monotonic time."""
+    monotonic = time.monotonic()
+    boot = time.clock_gettime(_BOOTTIME) - monotonic if _BOOTTIME is not None else 0.0
+    return _wall() - monotonic, boot
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+class _ClockWatcher:
+    """One daemon thread per process that notices suspends and wall-clock steps.
+
+    Timers wait on the monotonic clock, which stands still while the machine
+    sleeps and ignores steps of the wall clock. Every ``_WATCH_INTERVAL``
+    seconds, while any timer backend has a timer, this thread compares the
+    wall clock (and ``CLOCK_BOOTTIME``, which counts a suspend) with the
+    monotonic clock; when either moved ahead by more than ``_JUMP``, it tells
+    every backend, which re-arms the timers whose wall due time now comes
+    first. It runs no user code and holds its lock only to read its set: a
+    backend may call add() and discard() under its own lock.
+    """
+
+    _lock: threading.Condition
+    _watched: weakref.WeakSet[_Watched]
+    _thread: threading.Thread | None
+    _last: tuple[float, float]
+    _lowest: float
+    _pid: int
+
+    def __init__(self) -> None:
+        self.after_fork()
+
+    def add(self, watched: _Watched) -> None:
+        with self._lock:
+            self._watched.add(watched)
+            if self._thread is not None:
+                return
+            self._last, self._lowest = _offsets(), math.inf  # a step right after is seen
+            self._thread = thread = threading.Thread(
+                target=self._run, name="token-refresh-clock-watch", daemon=True
+            )
+        try:
+            thread.start()
+        except RuntimeError:  # the OS refuses a thread: timers still keep monotonic time
+            with self._lock:
+                self._thread = None
+
+    def discard(self, watched: _Watched) -> None:
+        with self._lock:
+            self._watched.discard(watched)
+            if not self._watched:
+                self._lock.notify()  # nothing left to watch: the thread ends now
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait(_WATCH_INTERVAL)  # cut short by discard() of the last one
+                if not self._watched:
+                    self._thread = None
+                    return
+                watched = list(self._watched)
+                last, self._last = self._last, _offsets()
+                # A timer armed while the wall clock was behind (set back, then
+                # forward again within one interval) counts from what it read.
+                since, self._lowest = min(last[0], self._lowest), math.inf
+            wall, boot = self._last[0] - since, self._last[1] - last[1]
+            if wall > _JUMP or boot > _JUMP:  # a step back changes nothing: deadlines hold
+                for backend in watched:
+                    backend.clock_jumped()
+            del watched
+
+    def after_fork(self) -> None:
+        """Start empty: a child of fork() has no watcher thread and no timers (no I/O)."""
+        self._pid = os.getpid()
+        self._lock = threading.Condition(threading.Lock())
+        self._watched = weakref.WeakSet()
+        self._thread = None
+        self._last = (0.0, 0.0)
+        self._lowest = math.inf  # the least wall offset a timer was armed with since then
+
+    def forked(self) -> None:
+        """Start empty in a child whose fork hooks did not run (uWSGI forks in C)."""
+        if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
+            self.after_fork()
+
+    def saw(self, offset: float) -> None:
+        """A timer was armed reading this wall-minus-monotonic offset (no lock: a hint)."""
+        if offset < self._lowest:
+            self._lowest = offset
+
+
+_watcher = _ClockWatcher()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_watcher.after_fork)
+
+
+def _fires_at(deadline: float, due: float) -> float:
+    """The monotonic moment a timer fires: its deadline, or its wall due time if earlier."""
+    offset = _wall() - time.monotonic()
+    _watcher.saw(offset)
+    return min(deadline, due - offset)
+
+
 # -- Timers -------------------------------------------------------------------
 
 
@@ -111,6 +242,7 @@ class _SessionTimer:
         "__weakref__",
         "_callback",
         "_deadline",
+        "_due",
         "_held",
         "_owner",
         "_state",
@@ -125,12 +257,15 @@ class _SessionTimer:
         deadline: float | None,
         callback: Callable[[], None] | None,
         *,
+        due: float = math.inf,
         held: bool = False,
     ) -> None:
         self._owner = owner
         self._held = held  # due, but waits for unhold()
         self._wake = threading.Condition(threading.Lock())
-        self._deadline = deadline
+        # Monotonic: its delay's end, or its wall due time if that comes first.
+        self._deadline = None if deadline is None else _fires_at(deadline, due)
+        self._due = due
         self._callback = callback
         self._state = "armed" if callback is not None else "parked"  # or "done"
         self._wakes_at = 0.0  # when the thread wakes by itself (monotonic)
@@ -140,7 +275,11 @@ class _SessionTimer:
         if self._thread.ident is not None:
             return  # re-armed: running already
         self._owner.add(self)
-        self._thread.start()  # RuntimeError if the OS refuses a thread
+        try:
+            self._thread.start()  # RuntimeError if the OS refuses a thread
+        except RuntimeError:
+            self._owner.finished()
+            raise
 
     def thread(self) -> threading.Thread | None:
         return self._thread if self._thread.ident is not None else None
@@ -157,20 +296,32 @@ class _SessionTimer:
     def unhold(self) -> None:
         with self._wake:
             self._held = False
-            if self._deadline is not None and self._deadline < self._wakes_at:
-                self._wake.notify()  # waiting for unhold() past its deadline
+            self._wake_if_earlier()  # waiting for unhold() past its deadline
 
-    def rearm(self, deadline: float, callback: Callable[[], None]) -> bool:
-        """Wait for ``deadline`` again, if parked and still alive; False otherwise."""
+    def rearm(self, deadline: float, due: float, callback: Callable[[], None]) -> bool:
+        """Wait for ``deadline`` (or wall time ``due``) again, if parked and alive; else False."""
         with self._wake:
             if self._state != "parked":
                 return False
-            self._state, self._deadline, self._callback = "armed", deadline, callback
-            if deadline < self._wakes_at:
-                # Else it wakes before the deadline anyway and sees it: a
-                # follow-up re-armed in a storm costs no extra thread wake-up.
-                self._wake.notify()
+            self._state, self._callback = "armed", callback
+            self._deadline, self._due = _fires_at(deadline, due), due
+            # Else it wakes before the deadline anyway and sees it: a follow-up
+            # re-armed in a storm costs no extra thread wake-up.
+            self._wake_if_earlier()
             return True
+
+    def clock_jumped(self) -> None:
+        """The wall clock moved ahead (the clock watcher's call): wake if due sooner now."""
+        with self._wake:
+            if self._state == "armed":
+                assert self._deadline is not None
+                self._deadline = _fires_at(self._deadline, self._due)
+                self._wake_if_earlier()
+
+    def _wake_if_earlier(self) -> None:
+        """Wake the thread if it fires before it would wake by itself (lock held)."""
+        if self._deadline is not None and self._deadline < self._wakes_at:
+            self._wake.notify()
 
     def _run(self) -> None:
         with self._wake:
@@ -202,6 +353,7 @@ class _SessionTimer:
                 finally:
                     del callback  # an idle thread must not keep its scheduler alive
                     self._wake.acquire()
+        self._owner.finished()  # its lock released: the owner's lock comes first
 
 
 class ThreadTimers:
@@ -212,22 +364,45 @@ class ThreadTimers:
         # Every started timer not yet garbage: stop() cancels and joins parked ones too.
         self._started: weakref.WeakSet[_SessionTimer] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._live = 0  # timer threads started and not ended: watched while there are any
 
     def add(self, timer: _SessionTimer) -> None:
         with self._lock:
             self._started.add(timer)
+            self._live += 1
+            if self._live == 1:
+                _watcher.add(self)
 
-    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
+    def finished(self) -> None:
+        """A timer's thread ended (or never started)."""
+        with self._lock:
+            self._live -= 1
+            if not self._live:
+                _watcher.discard(self)
+
+    def clock_jumped(self) -> None:
+        with self._lock:
+            timers = list(self._started)
+        for timer in timers:  # each under its own lock only, never under ours
+            timer.clock_jumped()
+
+    def arm(
+        self,
+        delay: float,
+        callback: Callable[[], None],
+        reuse: Timer | None,
+        due: float = math.inf,
+    ) -> Timer:
         deadline = time.monotonic() + delay
-        if isinstance(reuse, _SessionTimer) and reuse.rearm(deadline, callback):
+        if isinstance(reuse, _SessionTimer) and reuse.rearm(deadline, due, callback):
             return reuse
-        return _SessionTimer(self, deadline, callback)
+        return _SessionTimer(self, deadline, callback, due=due)
 
     def reserve(self) -> Timer:
         return _SessionTimer(self, None, None)
 
-    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = _SessionTimer(self, time.monotonic() + delay, callback, held=True)
+    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer:
+        timer = _SessionTimer(self, time.monotonic() + delay, callback, due=due, held=True)
         timer.start()
         return timer
 
@@ -247,11 +422,15 @@ class ThreadTimers:
 class _HeapEntry:
     """A timer in a HeapTimers heap; cancelling it leaves it there to be skipped."""
 
-    __slots__ = ("callback", "owner")
+    __slots__ = ("callback", "deadline", "due", "owner")
 
-    def __init__(self, owner: HeapTimers, callback: Callable[[], None]) -> None:
+    def __init__(
+        self, owner: HeapTimers, callback: Callable[[], None], deadline: float, due: float
+    ) -> None:
         self.owner = owner
         self.callback: Callable[[], None] | None = callback
+        self.deadline = deadline  # monotonic
+        self.due = due  # wall time
 
     def cancel(self) -> None:
         self.owner._cancel(self)
@@ -264,8 +443,12 @@ class HeapTimers:
     when they surface; the heap is rebuilt when more than half of it is dead.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, watch_clock: bool = True) -> None:
         self.name = name
+        self._watch_clock = watch_clock  # a timer's due time counts: watch for clock jumps
+        self._watched = False
+        # (when it fires on the monotonic clock, sequence, entry): the earlier
+        # of the entry's deadline and its due time, recomputed on a clock jump.
         self._heap: list[tuple[float, int, _HeapEntry]] = []
         self._sequence = itertools.count()
         self._cancelled = 0
@@ -274,13 +457,22 @@ class HeapTimers:
         self._thread_started = False
         self._stopped = False
 
-    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None = None) -> Timer:
-        entry = _HeapEntry(self, callback)
-        deadline = time.monotonic() + delay
+    def arm(
+        self,
+        delay: float,
+        callback: Callable[[], None],
+        reuse: Timer | None = None,
+        due: float = math.inf,
+    ) -> Timer:
+        entry = _HeapEntry(self, callback, time.monotonic() + delay, due)
+        fires_at = _fires_at(entry.deadline, due)
         with self._wakeup:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            heapq.heappush(self._heap, (deadline, next(self._sequence), entry))
+            if self._watch_clock and not self._watched and not self._stopped:
+                self._watched = True
+                _watcher.add(self)
+            heapq.heappush(self._heap, (fires_at, next(self._sequence), entry))
             if self._heap[0][2] is entry:
                 self._wakeup.notify()  # the new timer is due before the one being waited for
         return entry
@@ -288,8 +480,25 @@ class HeapTimers:
     def reserve(self) -> None:
         return None
 
-    def prepare(self, delay: float, callback: Callable[[], None]) -> None:
+    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> None:
         return None
+
+    def clock_jumped(self) -> None:
+        with self._wakeup:
+            self._heap = [
+                (_fires_at(entry.deadline, entry.due), sequence, entry)
+                for _, sequence, entry in self._heap
+                if entry.callback is not None
+            ]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+            self._wakeup.notify()
+
+    def _unwatch(self) -> None:
+        """No timer left to fire early (lock held)."""
+        if self._watched:
+            self._watched = False
+            _watcher.discard(self)
 
     def start(self, timer: Timer) -> None:
         """Start the heap's thread if nobody has (lock not held); cancel ``timer`` if refused."""
@@ -326,6 +535,7 @@ class HeapTimers:
         """Stop the timer thread (pending timers never fire); return it to join."""
         with self._wakeup:
             self._stopped = True
+            self._unwatch()
             dropped, self._heap = self._heap, []  # cleared after the lock, as in cancel()
             self._cancelled = 0
             self._wakeup.notify()
@@ -337,6 +547,7 @@ class HeapTimers:
         with self._wakeup:
             while not self._stopped:
                 if not self._heap:
+                    self._unwatch()
                     self._wakeup.wait()
                     continue
                 deadline, _, entry = self._heap[0]
@@ -490,6 +701,7 @@ class ThreadRuntime:
         self.after_fork()
 
     def after_fork(self) -> None:
+        _watcher.forked()  # the inherited watcher's lock may be held by a thread not here
         self._timers: ThreadTimers | HeapTimers = self._timer_kind(self._name)
         self._workers = Workers(
             f"{self._name}-worker", self._max_workers, max_stuck=self._max_workers
@@ -498,16 +710,28 @@ class ThreadRuntime:
         self._lock = threading.Lock()
 
     def time(self) -> float:
-        return time.time()
+        return _wall()
 
-    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
-        return self._timers.arm(delay, callback, reuse)
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def fires_at(self, due: float, deadline: float) -> float:
+        # The two clocks drift apart by a little all the time (NTP slews them,
+        # time-machine freezes one): only a step back the watcher would call a
+        # jump makes the monotonic deadline come first.
+        by_deadline = _wall() + (deadline - time.monotonic())
+        return by_deadline if by_deadline < due - _JUMP else due
+
+    def arm(
+        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
+    ) -> Timer:
+        return self._timers.arm(delay, callback, reuse, due)
 
     def reserve(self) -> Timer | None:
         return self._timers.reserve()
 
-    def prepare(self, delay: float, callback: Callable[[], None]) -> Timer | None:
-        return self._timers.prepare(delay, callback)
+    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer | None:
+        return self._timers.prepare(delay, callback, due)
 
     def unhold(self, timer: Timer) -> None:
         assert isinstance(timer, _SessionTimer)
@@ -525,7 +749,7 @@ class ThreadRuntime:
     def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
         with self._lock:
             if self._watchdog is None:
-                self._watchdog = HeapTimers(f"{self._name}-watchdog")
+                self._watchdog = HeapTimers(f"{self._name}-watchdog", watch_clock=False)
             watchdog = self._watchdog
         entry = watchdog.arm(min(timeout, threading.TIMEOUT_MAX), callback)
         watchdog.start(entry)
@@ -555,13 +779,21 @@ class ManualRuntime:
     def time(self) -> float:
         return self._clock.time()
 
-    def arm(self, delay: float, callback: Callable[[], None], reuse: Timer | None) -> Timer:
-        return self._clock.call_later(delay, callback)
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def fires_at(self, due: float, deadline: float) -> float:
+        return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
+
+    def arm(
+        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
+    ) -> Timer:
+        return self._clock.call_later(delay, callback, due=due)
 
     def reserve(self) -> None:
         return None
 
-    def prepare(self, delay: float, callback: Callable[[], None]) -> None:
+    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> None:
         return None
 
     def unhold(self, timer: Timer) -> None:  # pragma: no cover - prepare() gives none

@@ -42,8 +42,11 @@ FALLBACK_REFRESH_INTERVAL = 1800.0
 REFRESH_RETRY_DELAY = 60.0
 #: Consecutive failures after which a session's refresh chain gives up.
 MAX_REFRESH_FAILURES = 3
-#: Floor, in seconds, for delays computed from ``expires_in``.
+#: Floor, in seconds, for delays computed from ``expires_in`` (``expires_in_floor``).
 EXPIRES_IN_FLOOR = 30.0
+#: The least ``retry_delay``, ``follow_up_interval`` and ``expires_in_floor``:
+#: anything shorter would be a refresh loop against the token server.
+MIN_DELAY = 1.0
 #: Seconds a get_access_token call may run before it counts as a failure: longer
 #: than a SharedToken waits by default (its lease_ttl, 30, plus 5).
 FETCH_TIMEOUT = 60.0
@@ -78,15 +81,18 @@ _Reason = Literal["exp", "expires_in", "retry", "follow_up"]
 class _Pending:
     """A session's refresh, armed or running, bound to the generation that armed it."""
 
-    __slots__ = ("delay", "due", "generation", "reason", "timer")
+    __slots__ = ("deadline", "delay", "due", "generation", "reason", "timer")
     # The timer that fires it; once it has fired, the timer a retry or
     # follow-up may re-arm (None: the backend needs none, or none was made).
     timer: Timer | None
 
-    def __init__(self, generation: int, delay: float, due: float, reason: _Reason) -> None:
+    def __init__(
+        self, generation: int, delay: float, due: float, deadline: float, reason: _Reason
+    ) -> None:
         self.generation = generation
         self.delay = delay
-        self.due = due  # wall time
+        self.due = due  # wall time; the timer fires then, or at deadline if that comes first
+        self.deadline = deadline  # monotonic
         self.reason = reason
         self.timer = None
 
@@ -166,6 +172,16 @@ def _seconds(value: object, name: str) -> float:
     return seconds
 
 
+def _at_least_a_second(value: object, name: str) -> float:
+    seconds = _seconds(value, name)
+    if seconds < MIN_DELAY:
+        raise ValueError(
+            f"{name} must be at least {MIN_DELAY:g} second (a shorter one is a refresh loop), "
+            f"not {seconds!r}"
+        )
+    return seconds
+
+
 def _wait_limit(timeout: object, name: str = "timeout") -> float | None:
     """A wait's bound in seconds: None for ever (None, or too long for threading to wait)."""
     if timeout is None:
@@ -205,6 +221,9 @@ class Scheduler:
     - ``refresh_buffer`` (300): how long before a token's expiry it is refreshed.
     - ``retry_delay`` (60): how long after a failed refresh it is retried.
     - ``follow_up_interval`` (1800): how long after a refresh the next one comes.
+      It and ``retry_delay`` are at least 1 second: shorter would be a refresh loop.
+    - ``expires_in_floor`` (30, at least 1): the least delay ``schedule_from_expires_in``
+      waits.
     - ``fetch_timeout`` (60, None: never): how long a ``get_access_token`` call
       may run before it counts as a failure; its worker is replaced meanwhile.
     - ``max_workers`` (4): threads that run ``get_access_token`` and ``on_refresh``.
@@ -229,6 +248,7 @@ class Scheduler:
         on_event: Callable[[events.Event], None] | None = None,
         retry_delay: float | timedelta = REFRESH_RETRY_DELAY,
         follow_up_interval: float | timedelta = FALLBACK_REFRESH_INTERVAL,
+        expires_in_floor: float | timedelta = EXPIRES_IN_FLOOR,
         fetch_timeout: float | timedelta | None = FETCH_TIMEOUT,
         max_workers: int = 4,
         timers: Literal["thread", "heap"] = "thread",
@@ -245,10 +265,9 @@ class Scheduler:
         buffer = _seconds(refresh_buffer, "refresh_buffer")
         if buffer < 0:
             raise ValueError(f"refresh_buffer must not be negative, not {buffer!r}")
-        retry = _seconds(retry_delay, "retry_delay")
-        follow_up = _seconds(follow_up_interval, "follow_up_interval")
-        if retry <= 0 or follow_up <= 0:
-            raise ValueError("retry_delay and follow_up_interval must be positive")
+        retry = _at_least_a_second(retry_delay, "retry_delay")
+        follow_up = _at_least_a_second(follow_up_interval, "follow_up_interval")
+        floor = _at_least_a_second(expires_in_floor, "expires_in_floor")
         fetch_limit = _wait_limit(fetch_timeout, "fetch_timeout")
         if fetch_limit == 0:
             raise ValueError("fetch_timeout must be positive, or None for no limit")
@@ -273,6 +292,7 @@ class Scheduler:
         self._refresh_buffer = buffer
         self._retry_delay = retry
         self._follow_up_interval = follow_up
+        self._expires_in_floor = floor
         self._fetch_timeout = fetch_limit
         self._jitter = spread
         self._rng = rng if rng is not None else random.Random()
@@ -343,12 +363,19 @@ class Scheduler:
         return self._refresh_buffer
 
     def next_refresh_at(self, session_id: str) -> float | None:
-        """Wall time (Unix seconds) the session's next refresh is due; None if no timer."""
+        """Wall time (Unix seconds) the session's next refresh comes; None if no timer.
+
+        The earlier of its wall-clock due time and the end of its delay on the
+        monotonic clock: after a step back of the wall clock, the latter. A
+        time in the past (after a suspend or a step forward) means it comes now.
+        """
         _require_str(session_id, "session_id")
         self.after_fork()
         with self._lock:
             pending = self._timers.get(session_id)
-            return None if pending is None else pending.due
+            return (
+                None if pending is None else self._runtime.fires_at(pending.due, pending.deadline)
+            )
 
     def sessions(self) -> frozenset[str]:
         """The sessions with a live refresh chain: a timer armed or a refresh running."""
@@ -445,14 +472,15 @@ class Scheduler:
     def schedule_from_expires_in(self, session_id: str, expires_in: float | timedelta) -> None:
         """Refresh ``session_id`` before a token that expires in ``expires_in`` seconds.
 
-        The delay is ``expires_in - refresh_buffer``, but never under 30
-        seconds; if that floor puts the refresh after the token's expiry, a
-        WARNING says so (and the ``Scheduled`` event's ``after_expiry``).
+        The delay is ``expires_in - refresh_buffer``, but never under
+        ``expires_in_floor`` (30 seconds); if that floor puts the refresh
+        after the token's expiry, a WARNING says so (and the ``Scheduled``
+        event's ``after_expiry``).
         """
         _require_str(session_id, "session_id")
         seconds = _seconds(expires_in, "expires_in")
         self.after_fork()
-        delay = max(seconds - self._refresh_buffer, EXPIRES_IN_FLOOR)
+        delay = max(seconds - self._refresh_buffer, self._expires_in_floor)
         pending = self._replace(session_id, delay, "expires_in")
         self._report_scheduled(
             session_id,
@@ -536,7 +564,10 @@ class Scheduler:
             # Earlier, never later, and by at most half the delay, so a short
             # delay cannot collapse into a tight loop.
             delay -= self._rng.uniform(0.0, min(self._jitter, delay / 2))
-        return _Pending(generation, delay, self._runtime.time() + delay, reason)
+        runtime = self._runtime
+        return _Pending(
+            generation, delay, runtime.time() + delay, runtime.monotonic() + delay, reason
+        )
 
     def _arm(self, session_id: str, pending: _Pending, reuse: Timer | None) -> None:
         """Arm the pending refresh's timer (lock held); runtime.start() must follow."""
@@ -544,7 +575,7 @@ class Scheduler:
         def fire() -> None:
             self._timer_fired(session_id, pending)
 
-        pending.timer = self._runtime.arm(pending.delay, fire, reuse)
+        pending.timer = self._runtime.arm(pending.delay, fire, reuse, pending.due)
 
     def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
         """Give the session a new generation and timer; return the timer."""
@@ -557,12 +588,12 @@ class Scheduler:
         # start waits for the new thread to get the GIL) and fires only once
         # published. If the OS refuses a thread, the session keeps what it had.
         try:
-            prepared = self._runtime.prepare(pending.delay, fire)
+            prepared = self._runtime.prepare(pending.delay, fire, pending.due)
             with self._lock:
                 try:
                     self._check_open()
                     if prepared is None:
-                        pending.timer = self._runtime.arm(pending.delay, fire, None)
+                        pending.timer = self._runtime.arm(pending.delay, fire, None, pending.due)
                         self._runtime.start(pending.timer)
                 except BaseException:
                     if prepared is not None:
@@ -588,7 +619,8 @@ class Scheduler:
         """Give the session a new generation and no timer; return the refresh to start."""
         with self._lock:
             self._check_open()
-            pending = _Pending(next(self._generation_counter), 0.0, self._runtime.time(), "exp")
+            now, monotonic = self._runtime.time(), self._runtime.monotonic()
+            pending = _Pending(next(self._generation_counter), 0.0, now, monotonic, "exp")
             pending.timer = self._runtime.reserve()
             self._drop_timer(session_id)
             self._generations[session_id] = pending.generation
@@ -774,7 +806,7 @@ class Scheduler:
                 "(expires_in is under the %ss floor)",
                 _SessionId(session_id),
                 format_duration(late),
-                format_seconds(EXPIRES_IN_FLOOR),
+                format_seconds(self._expires_in_floor),
             )
 
     def _report_next(self, session_id: str, pending: _Pending) -> None:

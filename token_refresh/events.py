@@ -37,10 +37,12 @@ class Event:
 class Scheduled(Event):
     """A refresh was armed ``delay`` seconds out, due at wall time ``due``.
 
-    ``reason`` says why: a JWT's ``exp`` (``delay`` 0 when it refreshes at
-    once), an ``expires_in``, a ``retry`` after a failure, or a ``follow_up``.
-    ``after_expiry`` is True when the 30-second floor on ``expires_in`` puts
-    the refresh after the token has expired.
+    It comes at ``due`` or once ``delay`` has run on the monotonic clock,
+    whichever is first (they differ once a clock jumps). ``reason`` says why:
+    a JWT's ``exp`` (``delay`` 0 when it refreshes at once), an
+    ``expires_in``, a ``retry`` after a failure, or a ``follow_up``.
+    ``after_expiry`` is True when the floor on ``expires_in``
+    (``expires_in_floor``, 30 s) puts the refresh after the token has expired.
     """
 
     due: float

@@ -11,14 +11,20 @@ from collections.abc import Callable
 
 __all__ = ["ManualClock"]
 
+_NS = 1_000_000_000
+#: Callbacks that may run at one instant (timers, or work they queue) before
+#: advance() calls it a loop and raises, instead of never returning.
+_LOOP_LIMIT = 1_000_000
+
 
 class _ManualTimer:
     """A timer armed on a :class:`ManualClock`; ``cancel()`` disarms it."""
 
-    __slots__ = ("callback", "cancelled", "deadline")
+    __slots__ = ("callback", "cancelled", "deadline", "due")
 
-    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
-        self.deadline = deadline
+    def __init__(self, deadline: int, due: int, callback: Callable[[], None]) -> None:
+        self.deadline = deadline  # monotonic nanoseconds since the clock's start
+        self.due = due  # wall nanoseconds since the clock's start
         self.callback = callback
         self.cancelled = False
 
@@ -28,7 +34,7 @@ class _ManualTimer:
 
 
 class ManualClock:
-    """A wall clock that only moves when :meth:`advance` is called.
+    """A wall clock and a monotonic clock that only move when a test moves them.
 
     Pass it as ``Scheduler(..., clock=clock)``: the scheduler then reads the
     time from it, arms its timers on it and runs its refresh work on the
@@ -36,26 +42,37 @@ class ManualClock:
     deadline order (ties in the order they were armed), together with the
     refresh work they start. Nothing sleeps and no other thread is used, so a
     ManualClock belongs to one thread at a time.
+
+    Time is kept in integer nanoseconds, so any run of ``advance()`` calls
+    that sums to a timer's delay fires it. A timer fires at the earlier of
+    its monotonic deadline and its wall-clock due time; :meth:`suspend` and
+    :meth:`step` move the wall clock alone, as a machine's sleep or an NTP
+    step does.
     """
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self._now = _finite(start, "start")
-        self._timers: list[tuple[float, int, _ManualTimer]] = []
+        self._start = _finite(start, "start")
+        self._monotonic = 0  # nanoseconds since start
+        self._wall = 0  # nanoseconds since start; differs once suspended or stepped
+        # (when it fires on the monotonic clock, sequence, timer); the key is
+        # the earlier of its deadline and its due time, and changes only when
+        # the wall clock moves alone, when the heap is rebuilt.
+        self._timers: list[tuple[int, int, _ManualTimer]] = []
         self._sequence = itertools.count()
         self._ready: deque[Callable[[], None]] = deque()
         self._running = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"ManualClock(time={self._now!r}, pending={self.pending})"
+        return f"ManualClock(time={self.time()!r}, pending={self.pending})"
 
     def time(self) -> float:
         """The manual wall time, in Unix seconds."""
-        return self._now
+        return self._start + self._wall / _NS
 
     def monotonic(self) -> float:
-        """The same reading as :meth:`time`: a manual clock never jumps back."""
-        return self._now
+        """The manual monotonic time: it starts at ``start`` and never jumps."""
+        return self._start + self._monotonic / _NS
 
     @property
     def pending(self) -> int:
@@ -63,11 +80,25 @@ class ManualClock:
         with self._lock:
             return sum(not timer.cancelled for _, _, timer in self._timers)
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _ManualTimer:
-        """Arm ``callback`` to run ``delay`` seconds from now; return a cancellable handle."""
-        timer = _ManualTimer(self._now + max(0.0, delay), callback)
+    def call_later(
+        self, delay: float, callback: Callable[[], None], *, due: float | None = None
+    ) -> _ManualTimer:
+        """Arm ``callback`` to run ``delay`` seconds from now; return a cancellable handle.
+
+        ``due`` (wall time, Unix seconds) makes it run earlier if the wall
+        clock reaches it first; by default it is now plus ``delay``.
+        """
+        after = max(0, _nanoseconds(delay))
+        due_at = self._wall + after
+        if due is not None:
+            wanted = _nanoseconds(_finite(due, "due") - self._start)
+            # A due time computed as time() + delay in floats carries rounding
+            # errors: within them it is the same moment, so ties keep their order.
+            if abs(wanted - due_at) > _rounding(due):
+                due_at = wanted
+        timer = _ManualTimer(self._monotonic + after, due_at, callback)
         with self._lock:
-            heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
+            heapq.heappush(self._timers, (self._fires_at(timer), next(self._sequence), timer))
         return timer
 
     def run_soon(self, work: Callable[[], None]) -> None:
@@ -88,19 +119,62 @@ class ManualClock:
             self._run(work)
 
     def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``, running whatever falls due on the way."""
-        seconds = _finite(seconds, "seconds")
-        if seconds < 0:
-            raise ValueError(f"seconds must not be negative, not {seconds!r}")
+        """Move both clocks forward by ``seconds``, running whatever falls due on the way.
+
+        Timers that fell due during a :meth:`suspend` or a :meth:`step` run
+        first, in due order, at the current time.
+        """
+        span = _nanoseconds(_non_negative(seconds, "seconds"))
         if self._running:
             raise RuntimeError("advance() cannot be called from inside a timer callback")
-        target = self._now + seconds
+        target = self._monotonic + span
+        same_instant = 0
         while (timer := self._pop_due(target)) is not None:
-            self._now = max(self._now, timer.deadline)
+            moment = self._fires_at(timer)
+            same_instant = 0 if moment > self._monotonic else same_instant + 1
+            if same_instant > _LOOP_LIMIT:
+                raise RuntimeError(_loop("timers ran at one instant"))
+            self._move_to(max(self._monotonic, moment))
             self._run(timer.callback)
-        self._now = target
+        self._move_to(target)
 
-    def _pop_due(self, target: float) -> _ManualTimer | None:
+    def suspend(self, seconds: float) -> None:
+        """Sleep the machine for ``seconds``: the wall clock moves, the monotonic one does not.
+
+        Nothing runs meanwhile; what fell due by wall time runs at the next
+        :meth:`advance` (``advance(0)`` included).
+        """
+        self._jump(_nanoseconds(_non_negative(seconds, "seconds")), "suspend")
+
+    def step(self, seconds: float) -> None:
+        """Step the wall clock by ``seconds`` (either sign), as NTP does; monotonic time stays.
+
+        Nothing runs meanwhile; what fell due by wall time runs at the next
+        :meth:`advance`. A step back delays nothing: monotonic deadlines hold.
+        """
+        self._jump(_nanoseconds(_finite(seconds, "seconds")), "step")
+
+    def _jump(self, span: int, name: str) -> None:
+        if self._running:
+            raise RuntimeError(f"{name}() cannot be called from inside a timer callback")
+        self._wall += span
+        with self._lock:
+            self._timers = [
+                (self._fires_at(timer), sequence, timer)
+                for _, sequence, timer in self._timers
+                if not timer.cancelled
+            ]
+            heapq.heapify(self._timers)
+
+    def _move_to(self, monotonic: int) -> None:
+        self._wall += monotonic - self._monotonic
+        self._monotonic = monotonic
+
+    def _fires_at(self, timer: _ManualTimer) -> int:
+        """The monotonic moment a timer fires: its deadline, or its due time if earlier."""
+        return min(timer.deadline, timer.due - (self._wall - self._monotonic))
+
+    def _pop_due(self, target: int) -> _ManualTimer | None:
         with self._lock:
             while self._timers and self._timers[0][0] <= target:
                 _, _, timer = heapq.heappop(self._timers)
@@ -113,10 +187,18 @@ class ManualClock:
         try:
             if callback is not None:
                 callback()
-            while self._ready:
+            for _ in range(_LOOP_LIMIT):
+                if not self._ready:
+                    return
                 self._ready.popleft()()
+            self._ready.clear()
+            raise RuntimeError(_loop("pieces of work queued one another"))
         finally:
             self._running = False
+
+
+def _loop(what: str) -> str:
+    return f"more than {_LOOP_LIMIT:,} {what}: a callback that re-arms itself for now loops"
 
 
 def _nothing() -> None:
@@ -129,3 +211,21 @@ def _finite(value: float, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, not {value!r}")
     return float(value)
+
+
+def _non_negative(value: float, name: str) -> float:
+    seconds = _finite(value, name)
+    if seconds < 0:
+        raise ValueError(f"{name} must not be negative, not {seconds!r}")
+    return seconds
+
+
+def _nanoseconds(seconds: float) -> int:
+    """Seconds as whole nanoseconds: 0.1 is 100,000,000, so ten of them make a second."""
+    numerator, denominator = seconds.as_integer_ratio()  # exact: no float product rounds
+    return (2 * numerator * _NS + denominator) // (2 * denominator)
+
+
+def _rounding(wall: float) -> int:
+    """Nanoseconds within which two float wall times near ``wall`` are the same moment."""
+    return math.ceil(math.ulp(abs(wall) + 1.0) * 4 * _NS)

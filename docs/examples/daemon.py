@@ -35,7 +35,7 @@ FAST = os.environ.get("TOKEN_REFRESH_EXAMPLE_FAST") == "1"
 TOKEN_LIFETIME = 3.0 if FAST else 3600.0
 REFRESH_BUFFER = 1.0 if FAST else 300.0
 FOLLOW_UP_INTERVAL = 2.0 if FAST else 1800.0
-RETRY_DELAY = 0.5 if FAST else 60.0
+RETRY_DELAY = 1.0 if FAST else 60.0
 HEALTH_EVERY = 1.0 if FAST else 600.0  # how often to log the scheduler's stats
 SHUTDOWN_TIMEOUT = 10.0  # how long close() may wait for a refresh already running
 

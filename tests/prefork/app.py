@@ -36,7 +36,7 @@ from collections import Counter
 
 from flask import Flask, Response, jsonify, request
 
-from token_refresh import Scheduler, events
+from token_refresh import Scheduler, _scheduler, events
 
 #: Seconds each minted token lives; with REFRESH_BUFFER, a new session refreshes 0.5 s in.
 TOKEN_LIFETIME = 1.0
@@ -120,6 +120,10 @@ def on_event(event: events.Event) -> None:
 _timers = os.environ.get(TIMERS_ENV, "thread")
 if _timers not in ("thread", "heap"):
     raise RuntimeError(f"{TIMERS_ENV} must be 'thread' or 'heap', not {_timers!r}")
+
+# Half-second follow-ups keep these tests short: under the library's 1 s floor,
+# which this test app lowers (its tokens live a second; no server is hammered).
+_scheduler.MIN_DELAY = 0.1
 
 scheduler = Scheduler(
     mint_token,

@@ -150,7 +150,8 @@ def run_issuer_demo(
         label="demo",
         refresh_buffer=lifetime - refresh_after,
         retry_delay=RETRY_DELAY,
-        follow_up_interval=cycle,
+        follow_up_interval=max(cycle, _scheduler.MIN_DELAY),  # for tokens of a second or two
+        expires_in_floor=_scheduler.EXPIRES_IN_FLOOR,
         on_event=on_event,
     )
     with scheduler:
