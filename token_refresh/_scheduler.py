@@ -569,31 +569,36 @@ class Scheduler:
             generation, delay, runtime.time() + delay, runtime.monotonic() + delay, reason
         )
 
-    def _arm(self, session_id: str, pending: _Pending, reuse: Timer | None) -> None:
-        """Arm the pending refresh's timer (lock held); runtime.start() must follow."""
+    def _firing(self, session_id: str, pending: _Pending) -> Callable[[], None]:
+        """What the pending refresh's timer runs when it fires."""
 
         def fire() -> None:
             self._timer_fired(session_id, pending)
 
+        return fire
+
+    def _arm(self, session_id: str, pending: _Pending, reuse: Timer | None) -> None:
+        """Arm the pending refresh's timer (lock held); runtime.start() must follow."""
+        fire = self._firing(session_id, pending)
         pending.timer = self._runtime.arm(pending.delay, fire, reuse, pending.due)
 
     def _replace(self, session_id: str, delay: float, reason: _Reason) -> _Pending:
         """Give the session a new generation and timer; return the timer."""
         pending = self._pending(0, delay, reason)  # its generation is given under the lock
 
-        def fire() -> None:
-            self._timer_fired(session_id, pending)
-
         # The thread backend's timer thread starts before the lock is taken (a
         # start waits for the new thread to get the GIL) and fires only once
         # published. If the OS refuses a thread, the session keeps what it had.
         try:
-            prepared = self._runtime.prepare(pending.delay, fire, pending.due)
+            prepared = self._runtime.prepare(
+                pending.delay, self._firing(session_id, pending), pending.due
+            )
             with self._lock:
                 try:
                     self._check_open()
                     if prepared is None:
-                        pending.timer = self._runtime.arm(pending.delay, fire, None, pending.due)
+                        self._arm(session_id, pending, None)
+                        assert pending.timer is not None
                         self._runtime.start(pending.timer)
                 except BaseException:
                     if prepared is not None:
