@@ -22,10 +22,15 @@ exclude_patterns = ["_build", "_scripts", "examples"]
 nitpicky = True
 # Without intersphinx, references to the standard library's types cannot resolve.
 nitpick_ignore_regex = [
-    ("py:class", r"(collections\.abc|datetime|random|types|typing|threading|os|redis)\..*"),
+    (
+        "py:class",
+        r"(collections\.abc|datetime|random|types|typing|threading|os|redis|opentelemetry)\..*",
+    ),
     ("py:class", r"Callable|timedelta|TracebackType|Literal|Random"),
     # ManualClock.call_later's handle: all a caller may do with it is cancel().
     ("py:class", r"token_refresh\.testing\._ManualTimer"),
+    # instrument() makes an Instrumentation; its constructor's instruments are private.
+    ("py:class", r"token_refresh\.otel\._Meters"),
 ]
 
 myst_heading_anchors = 3

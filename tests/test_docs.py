@@ -12,7 +12,8 @@ errors. Two HTML comments, which neither GitHub nor Sphinx shows, help:
 
 ``<!-- docs-test: skip -->``
     On the line before a fenced block: do not run that block. Only for code
-    that needs a real server; nothing needs it today.
+    that needs a real server on a fixed port (the Prometheus endpoint in
+    guides/metrics.md, whose names tests/test_otel.py checks instead).
 
 ``<!-- docs-test: requires flask -->``
     The page's code needs a module that is not a dependency of the package:
@@ -360,6 +361,38 @@ class TestTimeline:
         assert target.read_text(encoding="utf-8").startswith("<svg ")
 
 
+@pytest.fixture(scope="module")
+def metrics_script() -> ModuleType:
+    _require("opentelemetry-sdk (the test extra)", "opentelemetry.sdk")
+    return _load(DOCS / "_scripts" / "metrics.py", "docs_metrics")
+
+
+class TestMetricsPicture:
+    """The picture in "Metrics and alerts" is drawn from a real run, and kept current."""
+
+    def test_committed_picture_is_current(self, metrics_script: ModuleType) -> None:
+        committed = (DOCS / "_static" / "metrics.svg").read_text(encoding="utf-8")
+        assert metrics_script.render() == committed, (
+            "docs/_static/metrics.svg is out of date: run `python docs/_scripts/metrics.py`, "
+            "look at the new picture, and commit it"
+        )
+
+    def test_the_run_behind_the_picture(self, metrics_script: ModuleType) -> None:
+        """The day has the story the page tells: on time but for the pauses, 3 give-ups."""
+        figures = metrics_script.record()
+        page = (DOCS / "guides" / "metrics.md").read_text(encoding="utf-8")
+        on_time = dict(figures.lateness)[0.001]
+        late = [bound for bound, count in figures.lateness if count and bound > 0.001]
+        assert min(late) > 60  # nothing late but what a pause of minutes made late
+        assert on_time + figures.late_refreshes == sum(count for _, count in figures.lateness)
+        failed = sum(n for (outcome, _), n in figures.refreshes.items() if outcome == "failed")
+        assert failed == 3
+        assert "all but 3" in page
+        assert f"failed {figures.fetches['failed']} of {sum(figures.fetches.values()):,}" in page
+        resumed = sum(n for (_, trigger), n in figures.refreshes.items() if trigger == "resume")
+        assert resumed == figures.late_refreshes  # every late one fell due in a pause
+
+
 # -- the Sphinx build ------------------------------------------------------------
 
 
@@ -392,6 +425,10 @@ class TestSphinxBuild:
         names += [f"token_refresh.events.{n}" for n in events.__all__]
         names += [f"token_refresh.testing.{n}" for n in testing.__all__]
         names += [f"token_refresh.shared.{n}" for n in shared.__all__]
+        _require("opentelemetry (the test extra)", "opentelemetry.sdk")
+        from token_refresh import otel
+
+        names += [f"token_refresh.otel.{n}" for n in otel.__all__]
         public_methods = [
             name for name in vars(token_refresh.Scheduler) if not name.startswith("_")
         ]

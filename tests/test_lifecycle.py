@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from token_refresh import Scheduler, SchedulerClosedError, Stats, events
+from token_refresh import (
+    Scheduler,
+    SchedulerClosedError,
+    Stats,
+    _scheduler,
+    decode_jwt_expiry,
+    events,
+)
 from token_refresh.testing import ManualClock
 
 from conftest import START, Recorder, ReraisingThread, make_jwt
@@ -59,7 +66,15 @@ class TestEvents:
         assert first == events.Scheduled(
             session_id="s1", label="obs", time=START, due=START + 600, delay=600.0, reason="exp"
         )
-        assert started == events.RefreshStarted(session_id="s1", label="obs", time=START + 600)
+        assert started == events.RefreshStarted(
+            session_id="s1",
+            label="obs",
+            time=START + 600,
+            due=START + 600,
+            lateness=0.0,
+            trigger="exp",
+            attempt=1,
+        )
         assert isinstance(refreshed, events.Refreshed)
         assert refreshed.token_fingerprint.startswith("sha256:")
         assert follow_up == events.Scheduled(
@@ -233,6 +248,86 @@ class TestEvents:
         """A non-callable on_event is refused at construction."""
         with pytest.raises(TypeError, match="on_event must be callable"):
             Scheduler(lambda: "t", lambda s, t: None, on_event="print")  # type: ignore[arg-type]
+
+
+class TestWhatEventsCarryForMetrics:
+    """The fields token_refresh.otel reads: due, lateness, trigger, attempts, durations."""
+
+    def test_a_suspend_makes_a_late_resume(
+        self, observed: Scheduler, clock: ManualClock, event_log: EventLog
+    ) -> None:
+        observed.schedule("s1", make_jwt({"exp": START + 900}))  # due at +600
+        clock.advance(10)
+        clock.suspend(1000)
+        clock.advance(0)
+        started = next(e for e in event_log.events if isinstance(e, events.RefreshStarted))
+        assert (started.due, started.lateness, started.trigger) == (START + 600, 410.0, "resume")
+        refreshed = next(e for e in event_log.events if isinstance(e, events.Refreshed))
+        assert refreshed.trigger == "resume"
+
+    def test_retries_keep_the_refresh_trigger_and_count_attempts(
+        self,
+        observed: Scheduler,
+        clock: ManualClock,
+        recorder: Recorder,
+        event_log: EventLog,
+    ) -> None:
+        new = make_jwt({"exp": START + 5000})
+        recorder.tokens = [ValueError("down"), new]
+        observed.schedule_from_expires_in("s1", 900)
+        clock.advance(600 + 60)
+        started = [e for e in event_log.events if isinstance(e, events.RefreshStarted)]
+        assert [(e.trigger, e.attempt) for e in started] == [("expires_in", 1), ("retry", 2)]
+        failed = next(e for e in event_log.events if isinstance(e, events.RefreshFailed))
+        assert (failed.final, failed.trigger, failed.fetch_duration) == (False, "expires_in", 0.0)
+        refreshed = next(e for e in event_log.events if isinstance(e, events.Refreshed))
+        assert (refreshed.trigger, refreshed.attempts) == ("expires_in", 2)
+        assert (refreshed.expires_at, refreshed.served_by) == (START + 5000, None)
+
+    def test_the_last_failure_is_final(
+        self,
+        observed: Scheduler,
+        clock: ManualClock,
+        recorder: Recorder,
+        event_log: EventLog,
+    ) -> None:
+        recorder.tokens = [None, None, None]
+        observed.schedule("s1", make_jwt({"exp": START}))
+        clock.advance(120)
+        failed = [e for e in event_log.events if isinstance(e, events.RefreshFailed)]
+        assert [e.final for e in failed] == [False, False, True]
+        assert [e.trigger for e in failed] == ["exp"] * 3
+
+    def test_a_stale_result_names_its_trigger(self, clock: ManualClock) -> None:
+        seen: list[events.Event] = []
+        scheduler: Scheduler
+
+        def reschedule_meanwhile() -> str:
+            scheduler.schedule("s1", make_jwt({"exp": START + 99_999}))
+            return "late"
+
+        scheduler = Scheduler(
+            reschedule_meanwhile, lambda _s, _t: None, clock=clock, on_event=seen.append
+        )
+        scheduler.schedule_from_expires_in("s1", 900)
+        clock.advance(600)
+        stale = [e for e in seen if isinstance(e, events.StaleDropped)]
+        assert [e.trigger for e in stale] == ["expires_in"]
+
+    def test_expiry_is_decoded_only_for_a_listener(
+        self, clock: ManualClock, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        decoded: list[str] = []
+        real = decode_jwt_expiry
+
+        def counting(token: str) -> float | int | None:
+            decoded.append(token)
+            return real(token)
+
+        monkeypatch.setattr(_scheduler, "decode_jwt_expiry", counting)
+        quiet = Scheduler(recorder.get_access_token, recorder.on_refresh, clock=clock)
+        quiet.schedule("s1", make_jwt({"exp": START}))
+        assert len(decoded) == 1  # schedule() decodes what it was given; no event to fill
 
 
 class TestIntrospection:

@@ -21,6 +21,6 @@ __all__ = [
     "format_duration",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 logging.getLogger("token_refresh").addHandler(logging.NullHandler())

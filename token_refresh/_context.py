@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .events import ServedBy
 
 _session_id: ContextVar[str | None] = ContextVar("token_refresh_session_id", default=None)
 
@@ -28,3 +32,33 @@ def session_context(session_id: str | None) -> Iterator[None]:
         yield
     finally:
         _session_id.reset(reset)
+
+
+class _ServedBy:
+    """Where the token of the get_access_token call in progress came from."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: ServedBy | None = None
+
+
+_served_by: ContextVar[_ServedBy | None] = ContextVar("token_refresh_served_by", default=None)
+
+
+@contextmanager
+def served_by_context() -> Iterator[_ServedBy]:
+    """Around a get_access_token call: a SharedToken called inside says who served it."""
+    slot = _ServedBy()
+    reset = _served_by.set(slot)
+    try:
+        yield slot
+    finally:
+        _served_by.reset(reset)
+
+
+def note_served_by(value: ServedBy) -> None:
+    """Tell the scheduler calling us (if any) who fetched the token being returned."""
+    slot = _served_by.get()
+    if slot is not None:
+        slot.value = value

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import events
-from ._context import session_context
+from ._context import served_by_context, session_context
 from ._format import (
     fingerprint,
     format_duration,
@@ -53,6 +53,10 @@ FETCH_TIMEOUT = 60.0
 
 # A wait longer than this is a wait for ever (threading refuses longer timeouts).
 _LONGEST_WAIT = float(threading.TIMEOUT_MAX)
+# A timer that fires this many seconds or more before its monotonic deadline,
+# and as late by wall time, fell due while the machine slept (or the clock
+# stepped past it): its trigger is "resume".
+_RESUMED = 1.0
 
 # Live schedulers, for the at-fork hook below.
 _live_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
@@ -79,12 +83,27 @@ _Reason = Literal["exp", "expires_in", "retry", "follow_up"]
 
 
 class _Pending:
-    """A session's refresh, armed or running, bound to the generation that armed it."""
+    """A session's refresh attempt, armed or running, bound to the generation that armed it."""
 
-    __slots__ = ("deadline", "delay", "due", "generation", "reason", "timer")
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "delay",
+        "due",
+        "duration",
+        "generation",
+        "origin",
+        "reason",
+        "served_by",
+        "timer",
+    )
     # The timer that fires it; once it has fired, the timer a retry or
     # follow-up may re-arm (None: the backend needs none, or none was made).
     timer: Timer | None
+    # What started the refresh this attempt belongs to (a retry's is its first
+    # attempt's); None until the attempt starts. The rest is for the events.
+    origin: events.Trigger | None
+    served_by: events.ServedBy | None
 
     def __init__(
         self, generation: int, delay: float, due: float, deadline: float, reason: _Reason
@@ -95,6 +114,10 @@ class _Pending:
         self.deadline = deadline  # monotonic
         self.reason = reason
         self.timer = None
+        self.origin = None
+        self.attempt = 1
+        self.duration = 0.0  # seconds get_access_token ran
+        self.served_by = None
 
     def release(self) -> None:
         """The chain ends here: free the timer it would have re-armed."""
@@ -301,6 +324,8 @@ class Scheduler:
             if clock is not None
             else ThreadRuntime(f"token-refresh-{label}", timers=timers, max_workers=max_workers)
         )
+        # Called with every event before on_event: token_refresh.otel's hook.
+        self._observers: tuple[Callable[[events.Event], None], ...] = ()
         self._generation_counter = itertools.count(1)
         self._closed = False
         self._fork_dropped = 0
@@ -649,6 +674,8 @@ class Scheduler:
         ends the chain: None, and the caller reports it.
         """
         pending = self._pending(fired.generation, delay, reason)
+        if reason == "retry":
+            pending.origin = fired.origin  # the same refresh, another attempt
         try:
             self._arm(session_id, pending, fired.timer)
         except RuntimeError:
@@ -769,16 +796,26 @@ class Scheduler:
         """Turn one outcome into its log line and its event (lock not held); never raises."""
         if message is not None:
             self._say(level, message, *args)
-        if self._on_event is None:
+        if not self._listening():
             return
         try:
             event = kind(
                 session_id=session_id, label=self._label, time=self._runtime.time(), **fields
             )
-            with self._working():
-                self._on_event(event)
+            for observe in self._observers:
+                try:
+                    observe(event)
+                except BaseException as error:  # a metrics backend's fault breaks nothing
+                    self._say(logging.ERROR, "metrics observer raised %s", type(error).__name__)
+            if self._on_event is not None:
+                with self._working():
+                    self._on_event(event)
         except BaseException as error:
             self._say(logging.ERROR, "on_event raised %s", type(error).__name__)
+
+    def _listening(self) -> bool:
+        """Whether anything receives events (else none is built)."""
+        return self._on_event is not None or bool(self._observers)
 
     def _report_scheduled(
         self,
@@ -830,15 +867,40 @@ class Scheduler:
             reason=pending.reason,
         )
 
-    def _report_stale(self, session_id: str, generation: int, current: int | None) -> None:
+    def _report_stale(self, session_id: str, pending: _Pending, current: int | None) -> None:
         self._report(
             events.StaleDropped,
             session_id,
             logging.DEBUG,
             "Refresh for sessionId=%s stale (gen %s vs %s), skipping",
             _SessionId(session_id),
-            generation,
+            pending.generation,
             current,
+            trigger=pending.origin or pending.reason,
+        )
+
+    def _report_started(self, session_id: str, pending: _Pending, fired: bool) -> None:
+        """Work out what started the attempt and how late (for the events), and report it."""
+        runtime = self._runtime
+        now, early = runtime.time(), pending.deadline - runtime.monotonic()
+        due = runtime.fires_at(pending.due, pending.deadline) if fired else pending.due
+        lateness = max(0.0, now - due)
+        # Fired by wall time long before its monotonic deadline, and late: it fell
+        # due while the machine slept (or the clock stepped past it).
+        resumed = fired and early >= _RESUMED and lateness >= _RESUMED
+        trigger: events.Trigger = "resume" if resumed else pending.reason
+        if pending.origin is None:
+            pending.origin = trigger
+        pending.attempt = self._failures.get(session_id, 0) + 1
+        self._report(
+            events.RefreshStarted,
+            session_id,
+            logging.DEBUG,
+            None,
+            due=due,
+            lateness=lateness,
+            trigger=trigger,
+            attempt=pending.attempt,
         )
 
     # -- refreshing ---------------------------------------------------------
@@ -873,7 +935,7 @@ class Scheduler:
             if not fresh:
                 pending.release()  # cancelled or replaced before it started: never called
                 return
-            self._report(events.RefreshStarted, session_id, logging.DEBUG, None)
+            self._report_started(session_id, pending, fired)
             if session_id in self._hung:
                 self._say(
                     logging.ERROR,
@@ -892,6 +954,7 @@ class Scheduler:
                 if not settled.acquire(blocking=False):  # pragma: no cover - a narrow race
                     return  # the call returned just before its watch was cancelled
                 self._count(stuck=1, hung=session_id)
+                pending.duration = self._fetch_timeout or 0.0
                 replaced = self._runtime.abandon(worker)  # a new worker serves the others
                 # Settled here, on the watchdog's thread, so the retry is armed on
                 # time even if every worker hangs; reported (user code: on_event,
@@ -904,8 +967,10 @@ class Scheduler:
                 if self._fetch_timeout is None
                 else self._runtime.watch(self._fetch_timeout, timed_out)
             )
+            began = self._runtime.monotonic()
             try:
-                token, error_type, raised = self._fetch(session_id)
+                with served_by_context() as served_by:
+                    token, error_type, raised = self._fetch(session_id)
             finally:
                 if watch is not None:
                     watch.cancel()
@@ -918,6 +983,8 @@ class Scheduler:
                     _SessionId(session_id),
                 )
                 return
+            pending.duration = max(0.0, self._runtime.monotonic() - began)
+            pending.served_by = served_by.value
             if raised:
                 # A synchronous throw in the seed: handled before anything queued.
                 self._complete(session_id, pending, token, error_type)
@@ -1014,9 +1081,9 @@ class Scheduler:
         """Report what _settle() did, and deliver the token if it has one to deliver."""
         session_id, pending = outcome.session_id, outcome.pending
         if outcome.stale_next is not None:
-            self._report_stale(session_id, outcome.stale_next[0].generation, pending.generation)
+            self._report_stale(session_id, outcome.stale_next[0], pending.generation)
         if outcome.kind == "stale":
-            self._report_stale(session_id, pending.generation, outcome.current)
+            self._report_stale(session_id, pending, outcome.current)
             return
         if outcome.delivery is not None:
             assert outcome.token is not None
@@ -1045,6 +1112,9 @@ class Scheduler:
             attempt=outcome.failures,
             max_attempts=MAX_REFRESH_FAILURES,
             error_type="TimeoutError" if timed_out else outcome.error_type,
+            final=outcome.retry is None,
+            trigger=pending.origin or pending.reason,
+            fetch_duration=pending.duration,
             **extra,
         )
         if outcome.kind == "gave up":
@@ -1077,6 +1147,11 @@ class Scheduler:
                     _SessionId(session_id),
                     fingerprint(token),
                     token_fingerprint=fingerprint(token),
+                    trigger=pending.origin or pending.reason,
+                    attempts=pending.attempt,
+                    fetch_duration=pending.duration,
+                    expires_at=_expiry(token) if self._listening() else None,
+                    served_by=pending.served_by,
                 )
                 self._call_on_refresh(session_id, token)
                 follow_up = None
@@ -1110,7 +1185,7 @@ class Scheduler:
                 for stale, now in dropped:
                     stale.release()
                     if stale is not pending:
-                        self._report_stale(session_id, stale.generation, now)
+                        self._report_stale(session_id, stale, now)
                 if handed is None:
                     return
                 pending, token = handed
@@ -1151,6 +1226,12 @@ class Scheduler:
             )
         finally:
             self._count(running=-1)
+
+
+def _expiry(token: str) -> float | None:
+    """A JWT's ``exp`` as a float, for Refreshed.expires_at; None if it has none."""
+    expiry = decode_jwt_expiry(token)
+    return float(expiry) if expiry else None
 
 
 def _release_handed(handed: tuple[_Pending, str] | None) -> None:

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import stat
 import tempfile
 import threading
@@ -22,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote
 
 from ._format import fingerprint, looks_like_credential
@@ -81,6 +82,26 @@ class Record:
     version: int = 0  #: one more for every successful write; 0: never written
     fetched_at: float = 0.0  #: wall time the grant was fetched
     blocked_until: float = 0.0  #: wall time before which nobody fetches (429)
+    #: ``host:pid`` of the process that fetched the grant ("": not known)
+    writer: str = ""
+
+
+_HOST = socket.gethostname()
+
+
+def this_process() -> str:
+    """This process as a Record's ``writer``: ``host:pid``."""
+    return f"{_HOST}:{os.getpid()}"
+
+
+def served_by(writer: str) -> Literal["thread", "process", "host", "unknown"]:
+    """Who, from this process's point of view, fetched a record written by ``writer``."""
+    host, _, pid = writer.rpartition(":")
+    if not host:
+        return "unknown"
+    if host != _HOST:
+        return "host"
+    return "thread" if pid == str(os.getpid()) else "process"
 
 
 def _dump(record: Record) -> str:
@@ -89,6 +110,7 @@ def _dump(record: Record) -> str:
         "version": record.version,
         "fetched_at": record.fetched_at,
         "blocked_until": record.blocked_until,
+        "writer": record.writer,
         "grant": None
         if grant is None
         else [grant.access_token, grant.refresh_token, grant.expires_at],
@@ -101,7 +123,14 @@ def _load(text: str | bytes) -> Record | None:
     try:
         data = json.loads(text)
         grant = None if data["grant"] is None else Grant(*data["grant"])
-        return Record(grant, int(data["version"]), data["fetched_at"], data["blocked_until"])
+        writer = data.get("writer", "")  # absent from 0.1's records
+        return Record(
+            grant,
+            int(data["version"]),
+            data["fetched_at"],
+            data["blocked_until"],
+            writer if isinstance(writer, str) else "",
+        )
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -392,7 +421,7 @@ class RedisStore:
         record = None if text is None else _load(text)
         if record is None:
             return Record(None, blocked_until=blocked) if blocked else None
-        return Record(record.grant, record.version, record.fetched_at, blocked)
+        return replace(record, blocked_until=blocked)
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
         token = secrets.token_hex(16)  # names this holder; not a credential

@@ -2,12 +2,30 @@
 
 Every event carries the session id, the scheduler's label and the wall time
 (Unix seconds) it happened; none carries a token, only a fingerprint at most.
+
+What a metrics exporter needs rides on the events too: when a refresh was due
+and how late it started, what triggered it, how long ``get_access_token`` ran,
+and, for a :class:`~token_refresh.shared.SharedToken`, who fetched the token
+(``served_by``). :func:`token_refresh.otel.instrument` reads nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+#: What made a refresh attempt start: the token's ``exp``, an ``expires_in``,
+#: a ``retry`` after a failure, the ``follow_up`` after a success, or
+#: ``resume``: it fell due while the machine slept (or the wall clock stepped
+#: past it), so it starts late, at least a second after its due time, well
+#: before its delay has run out on the monotonic clock.
+Trigger = Literal["exp", "expires_in", "retry", "follow_up", "resume"]
+
+#: Who fetched the token a :class:`~token_refresh.shared.SharedToken` returned:
+#: this very call (``fetch``), another call in this process (``thread``),
+#: another process on this host (``process``), another host (``host``), or a
+#: record whose writer is not known (``unknown``, written by token_refresh 0.1).
+ServedBy = Literal["fetch", "thread", "process", "host", "unknown"]
 
 __all__ = [
     "CallbackError",
@@ -19,8 +37,10 @@ __all__ = [
     "RefreshTimedOut",
     "Refreshed",
     "Scheduled",
+    "ServedBy",
     "StaleDropped",
     "TimerKept",
+    "Trigger",
 ]
 
 
@@ -60,14 +80,38 @@ class TimerKept(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RefreshStarted(Event):
-    """get_access_token() is about to be called for the session."""
+    """get_access_token() is about to be called for the session.
+
+    ``due`` is the wall time the attempt was due (the earlier of its two
+    deadlines, as :meth:`~token_refresh.Scheduler.next_refresh_at` tells) and
+    ``lateness`` how many seconds after it this start came (never negative): a
+    suspend, a starved worker pool or a busy interpreter shows here first.
+    ``attempt`` counts from 1; ``trigger`` says what started this attempt.
+    """
+
+    due: float = 0.0
+    lateness: float = 0.0
+    trigger: Trigger = "exp"
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Refreshed(Event):
-    """A new token is being delivered to on_refresh (the seed's analytics event)."""
+    """A new token is being delivered to on_refresh (the seed's analytics event).
+
+    ``trigger`` is what started the refresh (its first attempt's trigger, never
+    ``retry``), ``attempts`` how many get_access_token calls it took,
+    ``fetch_duration`` how long the last one ran (seconds), ``expires_at`` the
+    token's ``exp`` if it is a JWT, and ``served_by`` who fetched it when
+    get_access_token is a SharedToken (None otherwise).
+    """
 
     token_fingerprint: str
+    trigger: Trigger = "exp"
+    attempts: int = 1
+    fetch_duration: float = 0.0
+    expires_at: float | None = None
+    served_by: ServedBy | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,11 +120,17 @@ class RefreshFailed(Event):
 
     ``error_type`` names the exception get_access_token raised, or the type it
     wrongly returned; it is None when it returned None or an empty string.
+    ``final`` is True when no retry follows (the chain gives up, or no timer
+    could be armed for the retry): the refresh has failed, not just an attempt.
+    ``trigger`` and ``fetch_duration`` are as in :class:`Refreshed`.
     """
 
     attempt: int
     max_attempts: int
     error_type: str | None
+    final: bool = False
+    trigger: Trigger = "exp"
+    fetch_duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,14 +146,22 @@ class RefreshTimedOut(RefreshFailed):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GaveUp(Event):
-    """The session's refresh chain stopped: too many failures, or no timer could be armed."""
+    """The session's refresh chain stopped: too many failures, or no timer could be armed.
+
+    ``failures`` is 0 when the operating system refused a timer thread.
+    """
 
     failures: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StaleDropped(Event):
-    """A refresh finished after its session was rescheduled or cancelled; its result was dropped."""
+    """A refresh finished after its session was rescheduled or cancelled; its result was dropped.
+
+    ``trigger`` is what started the dropped refresh.
+    """
+
+    trigger: Trigger = "exp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,10 +9,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
-from ._context import current_session_id
+from ._context import current_session_id, note_served_by
 from ._format import fingerprint
 from ._jwt import decode_jwt_expiry
 from ._stores import (
@@ -26,6 +27,9 @@ from ._stores import (
     StoreUnavailable,
 )
 from ._stores import printable as _printable
+from ._stores import served_by as _served_by
+from ._stores import this_process as _this_process
+from .events import ServedBy
 
 __all__ = [
     "FETCH_TIMEOUT",
@@ -94,7 +98,7 @@ class InvalidGrant(Exception):
 class _Flight:
     """One fetch in progress (or just done) for a key, shared by the calls that join it."""
 
-    __slots__ = ("done", "error", "finished", "grant", "key", "started", "traceback")
+    __slots__ = ("done", "error", "fetched", "finished", "grant", "key", "started", "traceback")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -102,6 +106,7 @@ class _Flight:
         self.finished = 0.0  # wall time, like a token's fetched_at
         self.done = threading.Event()
         self.grant: Grant | None = None
+        self.fetched: ServedBy | None = None  # who fetched the grant, for the flight's starter
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
 
@@ -118,6 +123,12 @@ def _seconds(value: object, name: str, *, optional: bool = False) -> float:
 
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
     _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
+
+
+#: A metrics hook: called as ``observe(kind, value, attributes)`` with kind
+#: "call" (1, served_by or error.type), "fetch" (seconds, error.type on a
+#: failure), "lease_wait" (seconds) or "store_error" (1, operation, error.type).
+_Observer = Callable[[str, float, dict[str, str]], None]
 
 
 class SharedToken:
@@ -182,6 +193,7 @@ class SharedToken:
         self._rotating = bool(rotating)
         self._invalid_grant_wait = _seconds(invalid_grant_wait, "invalid_grant_wait")
         self._cache: dict[str, Record] = {}  # the last record this process saw, per key
+        self._observers: tuple[_Observer, ...] = ()  # token_refresh.otel's hook
         self._prune_at = 64
         self._after_fork()
         _live_tokens.add(self)
@@ -201,12 +213,30 @@ class SharedToken:
         """The access token: reused while good, else fetched once for every caller sharing it."""
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
+        try:
+            token, served_by = self._call()
+        except BaseException as error:
+            if self._observers:
+                self._notify("call", 1.0, {"error.type": type(error).__name__})
+            raise
+        if token is not None:
+            note_served_by(served_by)
+        if self._observers:
+            outcome: dict[str, str] = (
+                {"error.type": "no_token"}
+                if token is None
+                else {"token_refresh.served_by": served_by}
+            )
+            self._notify("call", 1.0, outcome)
+        return token
+
+    def _call(self) -> tuple[str | None, ServedBy]:
         key = self._key_for(current_session_id())
         began = time.monotonic()
         with self._lock:
             record = self._cache.get(key)
             if record is not None and record.grant is not None and self._usable(record):
-                return record.grant.access_token
+                return record.grant.access_token, _served_by(record.writer)
             held = self._held.get(key, 0.0) - time.time()
             if held > 0:
                 raise RateLimited(held, _printable(key))
@@ -242,7 +272,26 @@ class SharedToken:
             )
         if flight.error is not None:
             raise flight.error.with_traceback(flight.traceback)
-        return None if flight.grant is None else flight.grant.access_token
+        served_by: ServedBy = flight.fetched or "unknown"
+        if served_by == "fetch" and not start:
+            served_by = "thread"  # another call in this process started the fetch
+        return (None if flight.grant is None else flight.grant.access_token), served_by
+
+    def _notify(self, kind: str, value: float, attributes: dict[str, str]) -> None:
+        for observe in self._observers:
+            try:
+                observe(kind, value, attributes)
+            except BaseException as error:  # a metrics backend's fault breaks no call
+                _log.error("[shared] metrics observer raised %s", type(error).__name__)
+
+    @contextmanager
+    def _store_errors(self, operation: str) -> Iterator[None]:
+        """Count a StoreUnavailable from one store operation, and let it through."""
+        try:
+            yield
+        except StoreUnavailable:
+            self._notify("store_error", 1.0, {"token_refresh.operation": operation})
+            raise
 
     # -- in this process ------------------------------------------------------
 
@@ -294,13 +343,19 @@ class SharedToken:
                 self._running.discard(flight)
 
     def _finish(
-        self, flight: _Flight, record: Record | None = None, error: BaseException | None = None
+        self,
+        flight: _Flight,
+        record: Record | None = None,
+        error: BaseException | None = None,
+        *,
+        fetched: bool = False,
     ) -> None:
-        """Give the flight its outcome and wake its callers."""
+        """Give the flight its outcome and wake its callers; ``fetched``: by this flight."""
         with self._lock:
             flight.finished = time.time()
             if record is not None:
                 flight.grant = record.grant
+                flight.fetched = "fetch" if fetched else _served_by(record.writer)
                 self._cache[flight.key] = record
             if isinstance(error, RateLimited):
                 self._held[flight.key] = time.time() + error.retry_after
@@ -327,10 +382,13 @@ class SharedToken:
         key, store = flight.key, self._store
         lease: Lease | None = None
         stop_waiting = time.monotonic() + self._lease_ttl
+        waiting: float | None = None  # since when another holder's lease kept us waiting
         try:
             while True:
-                record = store.read(key)
+                with self._store_errors("read"):
+                    record = store.read(key)
                 if record is not None and self._usable(record):
+                    self._waited(waiting)
                     self._finish(flight, record)
                     return
                 now = time.time()
@@ -338,9 +396,13 @@ class SharedToken:
                     raise RateLimited(record.blocked_until - now, _printable(key))
                 if lease is not None or (time.monotonic() >= stop_waiting and not self._rotating):
                     break  # a rotating fetch waits for the lease: a refresh token is spent once
-                lease = store.try_lease(key, self._lease_ttl)
+                with self._store_errors("lease"):
+                    lease = store.try_lease(key, self._lease_ttl)
                 if lease is None:
+                    if waiting is None:
+                        waiting = time.monotonic()
                     time.sleep(_POLL_INTERVAL)
+            self._waited(waiting)
             if lease is None:
                 _log.warning(
                     "[shared:%s] lease still held after lease_ttl=%gs; fetching anyway",
@@ -351,9 +413,15 @@ class SharedToken:
         finally:
             if lease is not None:
                 try:
-                    lease.release()
+                    with self._store_errors("release"):
+                        lease.release()
                 except StoreUnavailable as error:
                     _warn(key, error, "the lease expires by itself")
+
+    def _waited(self, since: float | None) -> None:
+        """Report how long another holder's lease kept this fetch waiting, if it did."""
+        if since is not None and self._observers:
+            self._notify("lease_wait", time.monotonic() - since, {})
 
     def _fetch_and_store(self, flight: _Flight, record: Record | None) -> None:
         key, store = flight.key, self._store
@@ -363,41 +431,60 @@ class SharedToken:
             record = ours  # newer than the store's: our last write failed, keep its refresh token
         previous = None if record is None else record.grant
         version = 0 if record is None else record.version
+        began = time.monotonic()
         try:
-            result = self._fetch(previous) if self._rotating else self._fetch()
+            result: object = self._fetch(previous) if self._rotating else self._fetch()
         except RateLimited as limited:
+            self._fetched(began, "RateLimited")
             try:
-                store.hold_back(key, time.time() + limited.retry_after)
+                with self._store_errors("hold_back"):
+                    store.hold_back(key, time.time() + limited.retry_after)
             except StoreUnavailable as error:
                 _warn(key, error, "held back in this process only")
             raise
         except InvalidGrant:
+            self._fetched(began, "InvalidGrant")
             newer = self._await_newer(key, version) if self._rotating else None
             if newer is None:
                 raise
             self._finish(flight, newer)  # a sibling rotated first: its grant is good
             return
+        except BaseException as error:
+            self._fetched(began, type(error).__name__)
+            raise
         if result is None or result == "":
+            self._fetched(began, "no_token")
             self._finish(flight)
             return
         if isinstance(result, str):
             result = Grant(result)
         elif not isinstance(result, Grant):
+            self._fetched(began, type(result).__name__)
             raise TypeError(f"fetch returned {type(result).__name__}, not a str, Grant or None")
-        fresh = Record(result, version + 1, time.time())
+        self._fetched(began, None)
+        fresh = Record(result, version + 1, time.time(), writer=_this_process())
         try:
-            if not store.write(key, fresh):
+            with self._store_errors("write"):
+                written = store.write(key, fresh)
+            if not written:
                 _log.debug("[shared:%s] a newer token was stored meanwhile", _printable(key))
         except StoreUnavailable as error:
             _warn(key, error, "the token serves this process only")
         _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(result.access_token))
-        self._finish(flight, fresh)
+        self._finish(flight, fresh, fetched=True)
+
+    def _fetched(self, began: float, error_type: str | None) -> None:
+        """Report one call of ``fetch``: how long it ran, and its failure if it failed."""
+        if self._observers:
+            attributes = {} if error_type is None else {"error.type": error_type}
+            self._notify("fetch", time.monotonic() - began, attributes)
 
     def _await_newer(self, key: str, version: int) -> Record | None:
         """A record stored after ``version`` within invalid_grant_wait seconds, or None."""
         give_up = time.monotonic() + self._invalid_grant_wait
         while True:
-            record = self._store.read(key)
+            with self._store_errors("read"):
+                record = self._store.read(key)
             if record is not None and record.version > version and record.grant is not None:
                 return record
             if time.monotonic() >= give_up:
