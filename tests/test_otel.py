@@ -557,6 +557,7 @@ class TestFaults:
 
     @pytest.mark.realclock
     @pytest.mark.timeout(20)
+    @pytest.mark.usefixtures("timer_backend")
     def test_real_timers_and_a_timed_out_fetch(self, meter: Metrics) -> None:
         release = threading.Event()
         timed_out = threading.Event()
