@@ -314,6 +314,43 @@ class TestWhatEventsCarryForMetrics:
         stale = [e for e in seen if isinstance(e, events.StaleDropped)]
         assert [e.trigger for e in stale] == ["expires_in"]
 
+    @pytest.mark.parametrize("how", ["cancel", "cancel_all", "close", "schedule", "expired"])
+    def test_a_dropped_retry_ends_its_refresh(
+        self,
+        observed: Scheduler,
+        clock: ManualClock,
+        recorder: Recorder,
+        event_log: EventLog,
+        how: str,
+    ) -> None:
+        """A cancel or reschedule during a retry wait reports RetryDropped, then its own event."""
+        recorder.tokens = [ValueError("down")]
+        observed.schedule_from_expires_in("s1", 900)
+        clock.advance(600)  # fails; the retry would come at +660
+        del event_log.events[:]
+        if how == "schedule":
+            observed.schedule("s1", make_jwt({"exp": START + 9000}))
+        elif how == "expired":
+            observed.schedule("s1", make_jwt({"exp": START}))  # refreshes at once
+        elif how == "cancel":
+            observed.cancel("s1")
+        else:
+            getattr(observed, how)()  # cancel_all() or close()
+        dropped, following = event_log.events[:2]
+        assert dropped == events.RetryDropped(
+            session_id="s1", label="obs", time=START + 600, trigger="expires_in"
+        )
+        expected = events.Cancelled if how.startswith(("cancel", "close")) else events.Scheduled
+        assert isinstance(following, expected)
+
+    def test_cancelling_an_armed_refresh_drops_no_retry(
+        self, observed: Scheduler, clock: ManualClock, event_log: EventLog
+    ) -> None:
+        observed.schedule("s1", make_jwt({"exp": START + 900}))
+        observed.schedule("s1", make_jwt({"exp": START + 950}))
+        observed.cancel("s1")
+        assert event_log.names() == ["Scheduled", "Scheduled", "Cancelled"]
+
     def test_expiry_is_decoded_only_for_a_listener(
         self, clock: ManualClock, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
     ) -> None:

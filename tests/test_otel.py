@@ -7,6 +7,7 @@ Without opentelemetry-sdk (the test extra) these tests skip, and fail under
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from token_refresh import Scheduler, events
+from token_refresh._stores import this_process
 from token_refresh.shared import MemoryStore, Record, SharedToken, StoreUnavailable
 from token_refresh.testing import ManualClock
 
@@ -399,9 +401,11 @@ class TestSharedToken:
     @pytest.mark.parametrize(
         ("writer", "served_by"),
         [
-            ("elsewhere.example:4242", "host"),
-            (f"{__import__('socket').gethostname()}:{os.getpid() + 1}", "process"),
-            (f"{__import__('socket').gethostname()}:{os.getpid()}", "thread"),
+            ("elsewhere.example:4242:0a1b2c3d", "host"),
+            (f"{socket.gethostname()}:{os.getpid() + 1}:0a1b2c3d", "process"),
+            # a restarted container: same host name and pid, another process
+            (f"{socket.gethostname()}:{os.getpid()}:0a1b2c3d", "process"),
+            (this_process(), "thread"),
             ("", "unknown"),
         ],
     )

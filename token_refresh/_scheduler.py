@@ -533,6 +533,7 @@ class Scheduler:
             if pending is not None:
                 pending.release()
             done = self._await_deliveries([session_id], limit)
+        self._report_retry_dropped(session_id, pending)
         if live:
             self._report(events.Cancelled, session_id, logging.DEBUG, None)
         return done
@@ -542,10 +543,9 @@ class Scheduler:
         limit = _wait_limit(timeout)
         self.after_fork()
         with self._lock:
-            cancelled = self._cancel_everything()
+            cancelled, dropped = self._cancel_everything()
             done = self._await_deliveries(list(self._delivering), limit)
-        for session_id in cancelled:
-            self._report(events.Cancelled, session_id, logging.DEBUG, None)
+        self._report_cancelled(cancelled, dropped)
         return done
 
     def close(self, timeout: float | timedelta | None = None) -> bool:
@@ -560,10 +560,9 @@ class Scheduler:
         limit = _wait_limit(timeout)
         self.after_fork()
         with self._lock:
-            cancelled = [] if self._closed else self._cancel_everything()
+            cancelled, dropped = ([], {}) if self._closed else self._cancel_everything()
             self._closed = True
-        for session_id in cancelled:
-            self._report(events.Cancelled, session_id, logging.DEBUG, None)
+        self._report_cancelled(cancelled, dropped)
         threads = self._runtime.close()
         if self._inside_callback():
             return False
@@ -633,10 +632,9 @@ class Scheduler:
                     pending.timer = prepared
                     self._runtime.unhold(prepared)
                 pending.generation = next(self._generation_counter)
-                self._drop_timer(session_id)
+                dropped = self._drop_timer(session_id)
                 self._generations[session_id] = pending.generation
                 self._timers[session_id] = pending
-                return pending
         except RuntimeError as error:
             if isinstance(error, SchedulerClosedError):
                 raise
@@ -644,6 +642,8 @@ class Scheduler:
                 f"cannot arm a refresh timer for session {str(_SessionId(session_id))!r} "
                 f"({error}); its existing timer is kept"
             ) from error
+        self._report_retry_dropped(session_id, dropped)
+        return pending
 
     def _replace_for_immediate_refresh(self, session_id: str) -> _Pending:
         """Give the session a new generation and no timer; return the refresh to start."""
@@ -652,7 +652,7 @@ class Scheduler:
             now, monotonic = self._runtime.time(), self._runtime.monotonic()
             pending = _Pending(next(self._generation_counter), 0.0, now, monotonic, "exp")
             pending.timer = self._runtime.reserve()
-            self._drop_timer(session_id)
+            dropped = self._drop_timer(session_id)
             self._generations[session_id] = pending.generation
         # A parked timer for the follow-up, started here rather than on a
         # worker, which must never wait for a thread to start.
@@ -661,6 +661,7 @@ class Scheduler:
                 self._runtime.start(pending.timer)
             except RuntimeError:
                 pending.timer = None  # the follow-up makes its own
+        self._report_retry_dropped(session_id, dropped)
         return pending
 
     def _arm_next(
@@ -676,6 +677,7 @@ class Scheduler:
         pending = self._pending(fired.generation, delay, reason)
         if reason == "retry":
             pending.origin = fired.origin  # the same refresh, another attempt
+            pending.attempt = fired.attempt + 1
         try:
             self._arm(session_id, pending, fired.timer)
         except RuntimeError:
@@ -716,20 +718,26 @@ class Scheduler:
         del self._generations[session_id]
         self._give_ups += 1
 
-    def _drop_timer(self, session_id: str) -> None:
+    def _drop_timer(self, session_id: str) -> _Pending | None:
         pending = self._timers.pop(session_id, None)
         if pending is not None:
             pending.release()
+        return pending
 
-    def _cancel_everything(self) -> list[str]:
-        """Cancel every session; return the ones that had a live chain."""
-        cancelled = list(self._generations)
-        for pending in self._timers.values():
+    def _cancel_everything(self) -> tuple[list[str], dict[str, _Pending]]:
+        """Cancel every session; return the ones that had a live chain, and the timers dropped."""
+        cancelled, dropped = list(self._generations), self._timers
+        for pending in dropped.values():
             pending.release()
-        self._timers.clear()
+        self._timers = {}
         self._generations.clear()
         self._failures.clear()
-        return cancelled
+        return cancelled, dropped
+
+    def _report_cancelled(self, cancelled: list[str], dropped: dict[str, _Pending]) -> None:
+        for session_id in cancelled:
+            self._report_retry_dropped(session_id, dropped.get(session_id))
+            self._report(events.Cancelled, session_id, logging.DEBUG, None)
 
     def _await_deliveries(self, session_ids: list[str], limit: float | None) -> bool:
         """Wait (lock held) until the on_refresh calls now running for these sessions end.
@@ -877,7 +885,19 @@ class Scheduler:
             pending.generation,
             current,
             trigger=pending.origin or pending.reason,
+            fetch_duration=pending.duration,
         )
+
+    def _report_retry_dropped(self, session_id: str, dropped: _Pending | None) -> None:
+        """Report a failed refresh whose retry a cancel or reschedule dropped: it ends here."""
+        if dropped is not None and dropped.reason == "retry":
+            self._report(
+                events.RetryDropped,
+                session_id,
+                logging.DEBUG,
+                None,
+                trigger=dropped.origin or dropped.reason,
+            )
 
     def _report_started(self, session_id: str, pending: _Pending, fired: bool) -> None:
         """Work out what started the attempt and how late (for the events), and report it."""
@@ -891,7 +911,6 @@ class Scheduler:
         trigger: events.Trigger = "resume" if resumed else pending.reason
         if pending.origin is None:
             pending.origin = trigger
-        pending.attempt = self._failures.get(session_id, 0) + 1
         self._report(
             events.RefreshStarted,
             session_id,
@@ -943,7 +962,7 @@ class Scheduler:
                     "not called again",
                     _SessionId(session_id),
                 )
-                self._complete(session_id, pending, None, "timeout")
+                self._complete(session_id, pending, None, "hung")
                 return
             # Whoever acquires it first settles the attempt: this worker with a
             # result, or the watchdog with a timeout. The other does nothing.
@@ -1091,7 +1110,7 @@ class Scheduler:
             return
         if outcome.kind == "handed":
             return
-        timed_out = outcome.error_type == "timeout"
+        timed_out = outcome.error_type in ("timeout", "hung")
         if timed_out:
             self._say(
                 logging.ERROR,
@@ -1113,6 +1132,7 @@ class Scheduler:
             max_attempts=MAX_REFRESH_FAILURES,
             error_type="TimeoutError" if timed_out else outcome.error_type,
             final=outcome.retry is None,
+            called=outcome.error_type != "hung",
             trigger=pending.origin or pending.reason,
             fetch_duration=pending.duration,
             **extra,

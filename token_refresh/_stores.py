@@ -82,26 +82,33 @@ class Record:
     version: int = 0  #: one more for every successful write; 0: never written
     fetched_at: float = 0.0  #: wall time the grant was fetched
     blocked_until: float = 0.0  #: wall time before which nobody fetches (429)
-    #: ``host:pid`` of the process that fetched the grant ("": not known)
+    #: the process that fetched the grant, ``host:pid:nonce`` ("": not known)
     writer: str = ""
 
 
 _HOST = socket.gethostname()
+# A random part, new in every process: a restarted container may have the
+# same host name and pid as the process that wrote a record before it.
+_process: tuple[int, str] = (0, "")
 
 
 def this_process() -> str:
-    """This process as a Record's ``writer``: ``host:pid``."""
-    return f"{_HOST}:{os.getpid()}"
+    """This process as a Record's ``writer``: ``host:pid:nonce``."""
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, f"{_HOST}:{pid}:{secrets.token_hex(4)}")
+    return _process[1]
 
 
 def served_by(writer: str) -> Literal["thread", "process", "host", "unknown"]:
     """Who, from this process's point of view, fetched a record written by ``writer``."""
-    host, _, pid = writer.rpartition(":")
-    if not host:
+    host, _, rest = writer.partition(":")
+    if not rest:
         return "unknown"
     if host != _HOST:
         return "host"
-    return "thread" if pid == str(os.getpid()) else "process"
+    return "thread" if writer == this_process() else "process"
 
 
 def _dump(record: Record) -> str:

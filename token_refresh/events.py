@@ -36,6 +36,7 @@ __all__ = [
     "RefreshStarted",
     "RefreshTimedOut",
     "Refreshed",
+    "RetryDropped",
     "Scheduled",
     "ServedBy",
     "StaleDropped",
@@ -86,7 +87,8 @@ class RefreshStarted(Event):
     deadlines, as :meth:`~token_refresh.Scheduler.next_refresh_at` tells) and
     ``lateness`` how many seconds after it this start came (never negative): a
     suspend, a starved worker pool or a busy interpreter shows here first.
-    ``attempt`` counts from 1; ``trigger`` says what started this attempt.
+    ``attempt`` counts this refresh's calls from 1 (a retry is 2, then 3);
+    ``trigger`` says what started this attempt.
     """
 
     due: float = 0.0
@@ -122,6 +124,8 @@ class RefreshFailed(Event):
     wrongly returned; it is None when it returned None or an empty string.
     ``final`` is True when no retry follows (the chain gives up, or no timer
     could be armed for the retry): the refresh has failed, not just an attempt.
+    ``called`` is False when get_access_token was not called at all, because
+    an earlier call for the session still hangs past ``fetch_timeout``.
     ``trigger`` and ``fetch_duration`` are as in :class:`Refreshed`.
     """
 
@@ -129,6 +133,7 @@ class RefreshFailed(Event):
     max_attempts: int
     error_type: str | None
     final: bool = False
+    called: bool = True
     trigger: Trigger = "exp"
     fetch_duration: float = 0.0
 
@@ -158,7 +163,20 @@ class GaveUp(Event):
 class StaleDropped(Event):
     """A refresh finished after its session was rescheduled or cancelled; its result was dropped.
 
-    ``trigger`` is what started the dropped refresh.
+    ``trigger`` is what started the dropped refresh; ``fetch_duration`` how
+    long its get_access_token call ran.
+    """
+
+    trigger: Trigger = "exp"
+    fetch_duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryDropped(Event):
+    """A failed refresh's retry was dropped: the session was cancelled or rescheduled first.
+
+    The refresh ends here, without a token; ``trigger`` is what started it.
+    Sent before the ``Cancelled`` or ``Scheduled`` event that dropped it.
     """
 
     trigger: Trigger = "exp"

@@ -7,14 +7,16 @@ label, an outcome, a trigger, ``error.type`` on failures only. No attribute
 ever holds a session id, a key or token material.
 
 A *refresh* is one due refresh and its retries: counted once, when it ends
-(``delivered``, ``failed`` when no retry follows, or ``stale``). A *fetch*
-is one ``get_access_token`` call: three attempts of one refresh are one
-refresh and three fetches. For a SharedToken a fetch is one call of its
+(``delivered``; ``failed`` when no retry follows; ``stale`` when its result
+came too late; ``abandoned`` when a cancel or reschedule dropped its retry).
+A *fetch* is one ``get_access_token`` call: three attempts of one refresh
+are one refresh and three fetches. For a SharedToken a fetch is one call of its
 ``fetch``, so refreshes per shared fetch shows how well calls coalesce.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -79,13 +81,13 @@ class _Meters:
     """The instruments of one MeterProvider, shared by everything instrumented on it."""
 
     def __init__(self, provider: metrics.MeterProvider) -> None:
+        # Holds no reference to the provider: _meters is keyed by it, weakly.
         meter = provider.get_meter("token_refresh", __version__)
-        self.provider = provider  # held, so that its id() keys _meters for good
         self.schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
         self.refreshes = meter.create_counter(
             "token_refresh.refreshes",
             unit="{refresh}",
-            description="Refreshes that ended: delivered, failed (no retry follows) or stale",
+            description="Refreshes that ended: delivered, failed, stale or abandoned",
         )
         self.fetches = meter.create_counter(
             "token_refresh.fetches",
@@ -192,16 +194,17 @@ class _Meters:
                     self.remaining.record(max(0.0, event.expires_at - event.time), label)
             elif isinstance(event, events.RefreshFailed):
                 error = event.error_type or "no_token"
-                timed_out = isinstance(event, events.RefreshTimedOut)
-                self._fetched(
-                    label, "timed_out" if timed_out else "failed", error, event.fetch_duration
-                )
+                if event.called:  # else an earlier call still hangs: none was made
+                    outcome = "timed_out" if isinstance(event, events.RefreshTimedOut) else "failed"
+                    self._fetched(label, outcome, error, event.fetch_duration)
                 if event.final:
                     failed = {**label, _OUTCOME: "failed", _TRIGGER: event.trigger, _ERROR: error}
                     self.refreshes.add(1, failed)
             elif isinstance(event, events.StaleDropped):
                 self.refreshes.add(1, {**label, _OUTCOME: "stale", _TRIGGER: event.trigger})
-                self.fetches.add(1, {**label, _OUTCOME: "stale"})
+                self._fetched(label, "stale", None, event.fetch_duration)
+            elif isinstance(event, events.RetryDropped):
+                self.refreshes.add(1, {**label, _OUTCOME: "abandoned", _TRIGGER: event.trigger})
             elif isinstance(event, events.GaveUp):
                 reason = "failures" if event.failures else "no_timer"
                 self.give_ups.add(1, {**label, "token_refresh.reason": reason})
@@ -239,7 +242,12 @@ class _Meters:
         return observe
 
 
-_meters: dict[int, _Meters] = {}
+# The instruments of each MeterProvider, weakly keyed: a provider dropped by
+# its application is collected. The global provider (meter_provider=None) has
+# one set for good: before the application sets its SDK it is OpenTelemetry's
+# proxy, which forwards to the SDK once it is set.
+_meters: weakref.WeakKeyDictionary[metrics.MeterProvider, _Meters] = weakref.WeakKeyDictionary()
+_global: _Meters | None = None
 _lock = threading.Lock()
 
 
@@ -268,12 +276,12 @@ class Instrumentation:
                 return
             target._observers = tuple(o for o in target._observers if o is not self._observer)
             self._meters.schedulers.discard(target)
-            _instrumented.get(target, {}).pop(id(self._meters.provider), None)
+            handles = _instrumented.get(target, [])
+            if self in handles:
+                handles.remove(self)
 
 
-_instrumented: weakref.WeakKeyDictionary[Any, dict[int, Instrumentation]] = (
-    weakref.WeakKeyDictionary()
-)
+_instrumented: weakref.WeakKeyDictionary[Any, list[Instrumentation]] = weakref.WeakKeyDictionary()
 
 
 def instrument(
@@ -282,24 +290,48 @@ def instrument(
     """Record ``target``'s metrics on ``meter_provider`` (None: the global one).
 
     Calling it again for the same target and provider returns the same
-    :class:`Instrumentation`: nothing is counted twice. Instruments whose
-    values come from :meth:`~token_refresh.Scheduler.stats` (``token_refresh.sessions``,
-    ``pending``, ``running``, ``stuck``) cost nothing until a reader collects.
+    :class:`Instrumentation`: nothing is counted twice, also when the
+    application sets its global provider between the calls. Instruments whose
+    values come from :meth:`~token_refresh.Scheduler.stats`
+    (``token_refresh.sessions``, ``pending``, ``running``, ``stuck``) cost
+    nothing until a reader collects.
     """
     if not isinstance(target, (Scheduler, SharedToken)):
         raise TypeError(
             f"instrument() takes a Scheduler or a SharedToken, not {type(target).__name__}"
         )
-    provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
     with _lock:
-        meters = _meters.get(id(provider))
-        if meters is None or meters.provider is not provider:
-            meters = _meters[id(provider)] = _Meters(provider)
-        by_provider = _instrumented.setdefault(target, {})
-        existing = by_provider.get(id(provider))
-        if existing is None:
-            existing = by_provider[id(provider)] = Instrumentation(target, meters)
-        return existing
+        meters = _meters_for(meter_provider)
+        handles = _instrumented.setdefault(target, [])
+        for handle in handles:
+            if handle._meters is meters:
+                return handle
+        handle = Instrumentation(target, meters)
+        handles.append(handle)
+        return handle
+
+
+def _meters_for(provider: metrics.MeterProvider | None) -> _Meters:
+    """The instruments on ``provider`` (lock held), made at its first use."""
+    global _global
+    current = metrics.get_meter_provider()
+    if provider is None or provider is current:
+        if _global is None:  # the provider may have been given by name before
+            _global = _meters.get(current) or _Meters(current)
+        return _global
+    meters = _meters.get(provider)
+    if meters is None:
+        meters = _meters[provider] = _Meters(provider)
+    return meters
+
+
+def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked children
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _store_name(token: SharedToken) -> str:

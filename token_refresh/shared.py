@@ -388,8 +388,7 @@ class SharedToken:
                 with self._store_errors("read"):
                     record = store.read(key)
                 if record is not None and self._usable(record):
-                    self._waited(waiting)
-                    self._finish(flight, record)
+                    self._finish(flight, record)  # the wait, if any, is reported below
                     return
                 now = time.time()
                 if record is not None and record.blocked_until > now:
@@ -403,6 +402,7 @@ class SharedToken:
                         waiting = time.monotonic()
                     time.sleep(_POLL_INTERVAL)
             self._waited(waiting)
+            waiting = None
             if lease is None:
                 _log.warning(
                     "[shared:%s] lease still held after lease_ttl=%gs; fetching anyway",
@@ -411,6 +411,7 @@ class SharedToken:
                 )
             self._fetch_and_store(flight, record)
         finally:
+            self._waited(waiting)  # it ended in a token, a 429 or a store error
             if lease is not None:
                 try:
                     with self._store_errors("release"):
