@@ -675,7 +675,11 @@ def pick_section(results: Result) -> list[str]:
         if n is None:
             return None
         values = storm_p99s(results, name, n, mode)
-        return seconds(max(values)) if values else None
+        if not values:
+            return None
+        if math.isinf(max(values)):
+            return f"more than {storm_wait(results):g} s (over 1% never delivered)"
+        return seconds(max(values))
 
     thread_few = sentence(
         f"- {few:,} refreshes due within the same second were delivered with a p99 lateness of "
@@ -712,7 +716,8 @@ def pick_section(results: Result) -> list[str]:
         ),
     )
     heap_cost = sentence(
-        "- One timer thread serves every session: ",
+        "- One timer thread serves every session (with the process-wide clock watcher, and"
+        " the worker pool, `max_workers=4`, once refreshes run, as for the thread backend): ",
         fig(ops_value(results, HEAP, big, "rss_per_session"), size),
         f" per pending session at N = {big:,}, ",
         fig(
