@@ -19,7 +19,7 @@ import pytest
 
 from token_refresh import Scheduler, events
 from token_refresh._stores import this_process
-from token_refresh.shared import MemoryStore, Record, SharedToken, StoreUnavailable
+from token_refresh.shared import Lease, MemoryStore, Record, SharedToken, StoreUnavailable
 from token_refresh.testing import ManualClock
 
 from conftest import START, Recorder, make_jwt
@@ -452,7 +452,16 @@ class TestSharedToken:
         assert meter.total("token_refresh.shared.fetches") == 1  # three refreshes per fetch
 
     def test_lease_waits_and_store_errors(self, meter: Metrics) -> None:
-        store = MemoryStore()
+        refused = threading.Event()
+
+        class Watched(MemoryStore):
+            def try_lease(self, key: str, ttl: float) -> Lease | None:
+                lease = super().try_lease(key, ttl)
+                if lease is None:
+                    refused.set()  # the waiter found the holder's lease taken
+                return lease
+
+        store = Watched()
         holding = threading.Event()
         release = threading.Event()
 
@@ -470,11 +479,8 @@ class TestSharedToken:
         assert holding.wait(10)
         second = threading.Thread(target=waiter)
         second.start()
-        # wait until the waiter has found the lease taken, then let the holder finish
-        while meter.histogram("token_refresh.shared.lease.wait")[0] == 0 and second.is_alive():
-            if store._leases:  # held: the waiter polls it every 20 ms
-                release.set()
-            second.join(0.01)
+        assert refused.wait(10)
+        release.set()
         first.join(10)
         second.join(10)
         count, waited, _, _ = meter.histogram("token_refresh.shared.lease.wait")
@@ -555,9 +561,26 @@ class TestFaults:
 
     def test_the_global_provider_is_the_default(self, clock: ManualClock) -> None:
         scheduler = Scheduler(lambda: "t", lambda _s, _t: None, clock=clock)
+        other = Scheduler(lambda: "t", lambda _s, _t: None, clock=clock)
         handle = otel.instrument(scheduler)
+        assert otel.instrument(other)._meters is handle._meters  # one set of instruments
         scheduler.schedule("s1", make_jwt({"exp": START}))  # a no-op provider: runs unchanged
         handle.uninstrument()
+
+    def test_two_providers_each_get_every_figure(
+        self, clock: ManualClock, recorder: Recorder, meter: Metrics
+    ) -> None:
+        second = Metrics()
+        try:
+            scheduler = instrumented(clock, recorder, meter)
+            assert otel.instrument(scheduler, second.provider) is not otel.instrument(
+                scheduler, meter.provider
+            )
+            scheduler.schedule("s1", make_jwt({"exp": START}))
+            assert meter.total("token_refresh.refreshes") == 1
+            assert second.total("token_refresh.refreshes") == 1
+        finally:
+            second.close()
 
     @pytest.mark.realclock
     @pytest.mark.timeout(20)
@@ -584,7 +607,7 @@ class TestFaults:
             lambda _s, _t: delivered.set(),
             label="real",
             fetch_timeout=0.2,
-            retry_delay=1,
+            retry_delay=2,  # time enough for the hung call to return, on a busy machine
             on_event=on_event,
         )
         otel.instrument(scheduler, meter.provider)
@@ -597,7 +620,7 @@ class TestFaults:
                 "token_refresh.fetch.duration", outcome="timed_out"
             )
             assert (count, seconds) == (1, 0.2)
-            release.set()  # the hung call returns; the retry, 1 s on, calls again
+            release.set()  # the hung call returns; the retry, 2 s on, calls again
             assert delivered.wait(10)
         finally:
             release.set()

@@ -901,6 +901,8 @@ class Scheduler:
 
     def _report_started(self, session_id: str, pending: _Pending, fired: bool) -> None:
         """Work out what started the attempt and how late (for the events), and report it."""
+        if not self._listening():
+            return  # no event to fill (a refresh's trigger then reads as its reason)
         runtime = self._runtime
         now, early = runtime.time(), pending.deadline - runtime.monotonic()
         due = runtime.fires_at(pending.due, pending.deadline) if fired else pending.due
