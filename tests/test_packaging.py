@@ -119,3 +119,13 @@ class TestTestCommand:
 
         for step in command.split(" && "):
             assert step in ci, step
+
+
+class TestExtras:
+    def test_the_otel_extra_is_the_opentelemetry_api_only(self) -> None:
+        """``token_refresh[otel]`` pulls in the API; the SDK and exporters are the application's."""
+        requires = importlib.metadata.requires("token_refresh") or []
+        otel = [r.split(";")[0].strip() for r in requires if 'extra == "otel"' in r]
+        assert otel == ["opentelemetry-api>=1.23"]
+        base = [r for r in requires if "extra ==" not in r]
+        assert base == []  # the library itself needs nothing beyond the standard library
