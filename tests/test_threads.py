@@ -381,6 +381,61 @@ class TestShutdownRaces:
 class TestRefusedThreads:
     """The thread backend starts a timer's thread outside the scheduler's lock."""
 
+    @pytest.mark.realclock
+    @pytest.mark.parametrize("hangs", [False, True])
+    def test_refused_retry_thread_is_reported_on_a_worker_after_the_failure(
+        self, monkeypatch: pytest.MonkeyPatch, hangs: bool
+    ) -> None:
+        """A retry whose thread is refused: RefreshFailed(final), then GaveUp, both on a worker.
+
+        With ``hangs`` the failure is a timeout, settled on the watchdog's
+        thread; user code (on_event) must still run on a worker, never there.
+        """
+        given_up, release = threading.Event(), threading.Event()
+        seen: list[tuple[str, str]] = []
+
+        def on_event(event: events.Event) -> None:
+            seen.append((type(event).__name__, threading.current_thread().name))
+            if isinstance(event, events.GaveUp):
+                given_up.set()
+
+        def get_access_token() -> str:
+            if hangs:
+                release.wait(WAIT)
+            raise ConnectionError("down")
+
+        def refuse(timer: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+        sched = Scheduler(
+            get_access_token,
+            lambda s, t: None,
+            label="refused",
+            on_event=on_event,
+            fetch_timeout=0.1 if hangs else None,
+            timers="thread",
+        )
+        monkeypatch.setattr(_SessionTimer, "start", refuse)
+        try:
+            sched.schedule("s1", expiring_in(-1))  # refreshed at once, on a worker
+            wait_for(given_up, "the retry's refusal")
+        finally:
+            release.set()
+            assert sched.close(timeout=WAIT)
+        outcomes = [
+            (name, thread)
+            for name, thread in seen
+            if name in ("RefreshFailed", "RefreshTimedOut", "GaveUp")
+        ]
+        assert [name for name, _ in outcomes] == [
+            "RefreshTimedOut" if hangs else "RefreshFailed",
+            "GaveUp",
+        ]
+        assert all(thread.startswith("token-refresh-refused-worker") for _, thread in outcomes), (
+            seen
+        )
+        assert sched.sessions() == frozenset()
+
     @pytest.mark.parametrize("cancelled_meanwhile", [False, True])
     def test_refused_follow_up_thread_ends_the_chain_loudly(
         self,

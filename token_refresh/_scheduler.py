@@ -144,6 +144,7 @@ class _Outcome:
         "error_type",
         "failures",
         "kind",
+        "no_timer",
         "pending",
         "retry",
         "session_id",
@@ -166,6 +167,7 @@ class _Outcome:
         self.retry: _Pending | None = None
         self.delivery: _Delivery | None = None
         self.stale_next: tuple[_Pending, str] | None = None
+        self.no_timer = False  # the retry's timer could not be started: the chain ended
 
 
 class _SessionId:
@@ -686,22 +688,31 @@ class Scheduler:
         self._timers[session_id] = pending
         return pending
 
-    def _launch(self, session_id: str, fired: _Pending, pending: _Pending | None) -> bool:
-        """Start what _arm_next() armed (lock released); False, reported, if the chain ended."""
+    def _launch(
+        self, session_id: str, fired: _Pending, pending: _Pending | None
+    ) -> Literal["started", "ended", "gone"]:
+        """Start what _arm_next() armed (lock released).
+
+        "ended": no timer could be started and the chain ended here, for the
+        caller to report with _report_no_timer() (no user code runs here: a
+        watchdog calls it too); "gone": cancelled or replaced meanwhile.
+        """
         if pending is None or pending.timer is not fired.timer:
             fired.release()  # not re-armed: its parked thread is not needed
-        if pending is not None:
-            assert pending.timer is not None
-            try:
-                self._runtime.start(pending.timer)
-                return True
-            except RuntimeError:
-                with self._lock:
-                    ended = self._timers.get(session_id) is pending
-                    if ended:
-                        self._end_chain(session_id)
-                if not ended:
-                    return False  # cancelled or replaced meanwhile: nothing was lost
+        if pending is None:
+            return "ended"
+        assert pending.timer is not None
+        try:
+            self._runtime.start(pending.timer)
+            return "started"
+        except RuntimeError:
+            with self._lock:
+                ended = self._timers.get(session_id) is pending
+                if ended:
+                    self._end_chain(session_id)
+            return "ended" if ended else "gone"  # gone: nothing was lost
+
+    def _report_no_timer(self, session_id: str) -> None:
         self._report(
             events.GaveUp,
             session_id,
@@ -710,7 +721,6 @@ class Scheduler:
             _SessionId(session_id),
             failures=0,
         )
-        return False
 
     def _end_chain(self, session_id: str) -> None:
         """Give up on the session's refresh chain (lock held); its failure count stays."""
@@ -1091,8 +1101,9 @@ class Scheduler:
                     # delivers this one next. No worker waits for it.
                     outcome.stale_next, delivery.next = delivery.next, (pending, token)
                     outcome.kind = "handed"
-        if armed and not self._launch(session_id, pending, outcome.retry):
-            outcome.retry = None
+        launched = self._launch(session_id, pending, outcome.retry) if armed else "started"
+        if launched != "started":
+            outcome.retry, outcome.no_timer = None, launched == "ended"
         if outcome.kind in ("stale", "gave up"):
             pending.release()
         _release_handed(outcome.stale_next)
@@ -1149,6 +1160,8 @@ class Scheduler:
                 outcome.failures,
                 failures=outcome.failures,
             )
+        elif outcome.no_timer:
+            self._report_no_timer(session_id)
         elif outcome.retry is not None:
             self._report_next(session_id, outcome.retry)
 
@@ -1201,9 +1214,12 @@ class Scheduler:
                         delivery.generation = handed[0].generation
                         self._refreshes += 1
                     self._delivered.notify_all()
-                if armed and self._launch(session_id, pending, follow_up):
+                launched = self._launch(session_id, pending, follow_up) if armed else "gone"
+                if launched == "started":
                     assert follow_up is not None
                     self._report_next(session_id, follow_up)
+                elif launched == "ended":
+                    self._report_no_timer(session_id)
                 for stale, now in dropped:
                     stale.release()
                     if stale is not pending:
