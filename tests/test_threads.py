@@ -436,6 +436,41 @@ class TestRefusedThreads:
         )
         assert sched.sessions() == frozenset()
 
+    def test_refused_retry_thread_of_a_session_cancelled_meanwhile_gives_nothing_up(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Cancelled while its retry's thread is refused: the failure is reported, no GaveUp."""
+        failed = threading.Event()
+        seen: list[str] = []
+        sched: Scheduler
+
+        def on_event(event: events.Event) -> None:
+            seen.append(type(event).__name__)
+            if isinstance(event, events.RefreshFailed):
+                failed.set()
+
+        starts = 0
+
+        def refuse(timer: object) -> None:
+            nonlocal starts
+            starts += 1  # 1: the follow-up's parked thread, in schedule(); 2: the retry
+            if starts == 2:
+                sched.cancel("s1")  # the session goes while its retry's thread is refused
+            raise RuntimeError("can't start new thread")
+
+        def get_access_token() -> str:
+            raise ConnectionError("down")
+
+        sched = Scheduler(get_access_token, lambda s, t: None, on_event=on_event, timers="thread")
+        monkeypatch.setattr(_SessionTimer, "start", refuse)
+        try:
+            sched.schedule("s1", expiring_in(-1))
+            wait_for(failed, "the failure")
+        finally:
+            assert sched.close(timeout=WAIT)
+        assert "GaveUp" not in seen
+        assert seen[-2:] == ["Cancelled", "RefreshFailed"]
+
     @pytest.mark.parametrize("cancelled_meanwhile", [False, True])
     def test_refused_follow_up_thread_ends_the_chain_loudly(
         self,
