@@ -65,6 +65,10 @@ class Metrics:
             if all(attrs.get(key) == value for key, value in _keys(attributes).items())
         )
 
+    def count(self, name: str, **attributes: Any) -> int:
+        """How many values a histogram recorded, over points whose attributes include these."""
+        return self.histogram(name, **attributes)[0]
+
     def histogram(self, name: str, **attributes: Any) -> tuple[int, float, float, float]:
         """(count, sum, min, max) of a histogram's points whose attributes include these."""
         points = [
