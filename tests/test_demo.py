@@ -188,7 +188,11 @@ class TestReaderGone:
 
         assert (status, capsys.readouterr().err) == (141, "")
         assert len(minted) == 3  # the sessions' first tokens; the first refresh is 2 s later
-        assert not [t for t in threading.enumerate() if t.name.startswith("token-refresh-")]
+        for thread in threading.enumerate():
+            if thread.name == "token-refresh-clock-watch":
+                thread.join(5)  # process-wide: it ends by itself once no timer is armed
+        left = [t for t in threading.enumerate() if t.name.startswith("token-refresh-")]
+        assert not [t for t in left if t.is_alive()]
 
     def test_reader_gone_mid_story_ends_the_demo(
         self, minted: list[str], monkeypatch: pytest.MonkeyPatch
