@@ -89,6 +89,20 @@ class Metrics:
         self.provider.shutdown()
 
 
+class LeaseWatchedStore(MemoryStore):
+    """A MemoryStore whose ``refused`` is set once a caller finds another's lease taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = threading.Event()
+
+    def try_lease(self, key: str, ttl: float) -> Lease | None:
+        lease = super().try_lease(key, ttl)
+        if lease is None:
+            self.refused.set()
+        return lease
+
+
 def _keys(attributes: dict[str, Any]) -> dict[str, Any]:
     """outcome="x" -> {"token_refresh.outcome": "x"}; error_type -> error.type."""
     return {
@@ -456,16 +470,7 @@ class TestSharedToken:
         assert meter.total("token_refresh.shared.fetches") == 1  # three refreshes per fetch
 
     def test_lease_waits_and_store_errors(self, meter: Metrics) -> None:
-        refused = threading.Event()
-
-        class Watched(MemoryStore):
-            def try_lease(self, key: str, ttl: float) -> Lease | None:
-                lease = super().try_lease(key, ttl)
-                if lease is None:
-                    refused.set()  # the waiter found the holder's lease taken
-                return lease
-
-        store = Watched()
+        store = LeaseWatchedStore()
         holding = threading.Event()
         release = threading.Event()
 
@@ -483,7 +488,7 @@ class TestSharedToken:
         assert holding.wait(10)
         second = threading.Thread(target=waiter)
         second.start()
-        assert refused.wait(10)
+        assert store.refused.wait(10)
         release.set()
         first.join(10)
         second.join(10)

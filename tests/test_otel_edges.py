@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from token_refresh import Scheduler, events
-from token_refresh.shared import Lease, MemoryStore, RateLimited, SharedToken
+from token_refresh.shared import RateLimited, SharedToken
 from token_refresh.testing import ManualClock
 
 from conftest import START, Recorder, ReraisingThread, make_jwt
@@ -33,7 +33,7 @@ except ImportError as error:  # pragma: no cover - the test extra installs it
         raise
     pytest.skip(f"opentelemetry-sdk is not installed ({error})", allow_module_level=True)
 
-from test_otel import Metrics
+from test_otel import LeaseWatchedStore, Metrics
 
 
 @pytest.fixture
@@ -287,20 +287,11 @@ class TestSharedToken:
         lease"): waits that end badly, the ones an operator most wants to see, are
         missing. It should record one wait."""
         fetching = threading.Event()
-        waiting = threading.Event()
-
-        class Signalling(MemoryStore):
-            def try_lease(self, key: str, ttl: float) -> Lease | None:
-                lease = super().try_lease(key, ttl)
-                if lease is None:
-                    waiting.set()  # the waiter found the holder's lease taken
-                return lease
-
-        store = Signalling()
+        store = LeaseWatchedStore()
 
         def limited_fetch() -> str:
             fetching.set()
-            assert waiting.wait(10)
+            assert store.refused.wait(10)  # the waiter found the holder's lease taken
             raise RateLimited(30)
 
         holder = SharedToken(limited_fetch, store)
