@@ -11,6 +11,9 @@ SPEC is JSON: ``store`` ("file" with ``path`` a directory, or "redis" with
   blocks for ever (until the test kills this process).
 - ``fork-hold``: take the key's lease, fork a child that lives on, print
   ``forked <pid>`` (the child prints ``child``) and block for ever.
+- ``fork-in-flock``: take the key's lease with a fork made between opening the
+  lease file and locking it (as another thread's fork may land), print as
+  ``fork-hold`` does, then ``locked``, and block for ever.
 
 Every fetch appends a line to the file ``count``, so the test counts fetches
 across processes.
@@ -50,15 +53,13 @@ def main() -> None:
         return f"token-from-{os.getpid()}"
 
     token = SharedToken(fetch, store, spec["key"], lease_ttl=spec.get("lease_ttl", 30.0))
+    if spec["mode"] == "fork-in-flock":
+        fork_in_flock(store, spec["key"])
+        return
     if spec["mode"] == "fork-hold":
         lease = store.try_lease(spec["key"], 30.0)
         assert lease is not None
-        pid = os.fork()
-        if pid == 0:
-            os.write(1, b"child\n")  # the at-fork hooks have run
-            sys.stdin.read()  # the child lives on
-            os._exit(0)
-        os.write(1, f"forked {pid}\n".encode())
+        fork_a_child_that_lives_on()
         sys.stdin.read()
         return
     if spec["mode"] == "hold":
@@ -69,10 +70,37 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             storm(token, spec["threads"])
-            os._exit(0)
+            sys.exit(0)  # as a worker exits: the at-exit hook lets the token reach the store
         children.append(pid)
     for pid in children:
         os.waitpid(pid, 0)
+
+
+def fork_a_child_that_lives_on() -> None:
+    """Fork; the child prints ``child`` and waits for ever, the parent prints ``forked <pid>``."""
+    pid = os.fork()
+    if pid == 0:
+        os.write(1, b"child\n")  # the at-fork hooks have run
+        sys.stdin.read()  # the child lives on
+        os._exit(0)
+    os.write(1, f"forked {pid}\n".encode())
+
+
+def fork_in_flock(store: Store, key: str) -> None:
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def forking_flock(fd: Any, operation: int) -> None:
+        fcntl.flock = real_flock  # one fork, on the first lock taken
+        fork_a_child_that_lives_on()
+        real_flock(fd, operation)
+
+    fcntl.flock = forking_flock
+    lease = store.try_lease(key, 30.0)
+    assert lease is not None
+    os.write(1, b"locked\n")
+    sys.stdin.read()
 
 
 def storm(token: SharedToken, threads: int) -> None:

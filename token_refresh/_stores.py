@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
 import secrets
 import socket
@@ -47,6 +50,35 @@ class StoreUnavailable(ConnectionError):
     """The store failed (unreachable, refused, unwritable); the message names the key."""
 
 
+_log = logging.getLogger("token_refresh.shared")
+
+
+def _monotonic() -> float:
+    """This host's monotonic clock (a seam: the tests move it with the wall clock)."""
+    return time.monotonic()
+
+
+def seconds(value: object, name: str, *, optional: bool = False) -> float:
+    """A duration option checked: a non-negative number (``optional``: None means for ever)."""
+    if value is None and optional:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must not be negative, not {value!r}")
+    return float(value)
+
+
+def _instant(value: object, name: str, *, optional: bool = False) -> None:
+    """Refuse anything but a finite number (Unix seconds) for ``name``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a token request returned: the access token and, when rotating, the refresh token.
@@ -65,6 +97,7 @@ class Grant:
             raise TypeError("Grant.access_token must be a non-empty str")
         if self.refresh_token is not None and not isinstance(self.refresh_token, str):
             raise TypeError("Grant.refresh_token must be a str or None")
+        _instant(self.expires_at, "Grant.expires_at", optional=True)
 
     def __repr__(self) -> str:
         refresh = None if self.refresh_token is None else fingerprint(self.refresh_token)
@@ -81,9 +114,23 @@ class Record:
     grant: Grant | None
     version: int = 0  #: one more for every successful write; 0: never written
     fetched_at: float = 0.0  #: wall time the grant was fetched
-    blocked_until: float = 0.0  #: wall time before which nobody fetches (429)
+    #: wall time, by the reader's clock, before which nobody fetches (429); stores
+    #: keep the hold-back on their own clock and convert it when they read
+    blocked_until: float = 0.0
     #: the process that fetched the grant, ``host:pid:nonce`` ("": not known)
     writer: str = ""
+
+    def __post_init__(self) -> None:
+        if self.grant is not None and not isinstance(self.grant, Grant):
+            raise TypeError("Record.grant must be a Grant or None")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TypeError("Record.version must be an int")
+        if self.version < 0:
+            raise ValueError("Record.version must not be negative")
+        _instant(self.fetched_at, "Record.fetched_at")
+        _instant(self.blocked_until, "Record.blocked_until")
+        if not isinstance(self.writer, str):
+            raise TypeError("Record.writer must be a str")
 
 
 _HOST = socket.gethostname()
@@ -111,34 +158,75 @@ def served_by(writer: str) -> Literal["thread", "process", "host", "unknown"]:
     return "thread" if writer == this_process() else "process"
 
 
-def _dump(record: Record) -> str:
+def hashed(key: str) -> str:
+    """A key as it names files and Redis keys: fixed length, no credential-like text."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _dump(record: Record, key: str, **extra: object) -> str:
     grant = record.grant
     data = {
+        "key": printable(key),  # for people and tools; the store finds records by hashed(key)
         "version": record.version,
         "fetched_at": record.fetched_at,
-        "blocked_until": record.blocked_until,
         "writer": record.writer,
         "grant": None
         if grant is None
         else [grant.access_token, grant.refresh_token, grant.expires_at],
+        **extra,
     }
     return json.dumps(data)
 
 
-def _load(text: str | bytes) -> Record | None:
-    """Parse a stored record; None for anything unreadable (a newer write replaces it)."""
+# Unreadable records already logged, (key, the text's fingerprint): once each, not per call.
+_reported: set[tuple[str, str]] = set()
+
+
+def _unreadable(key: str, text: str | bytes, reason: str) -> None:
+    seen = (key, fingerprint(text if isinstance(text, str) else text.decode("latin-1")))
+    if seen not in _reported:
+        if len(_reported) > 1024:
+            _reported.clear()
+        _reported.add(seen)
+        _log.warning(
+            "[shared:%s] the stored record is unreadable (%s); the next fetch replaces it",
+            printable(key),
+            reason,
+        )
+
+
+def _parse(text: str | bytes, key: str) -> dict[str, Any] | None:
+    """A stored record's JSON object, or None (logged once) when it is not one."""
     try:
         data = json.loads(text)
-        grant = None if data["grant"] is None else Grant(*data["grant"])
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+        data = None
+    if isinstance(data, dict):
+        return data
+    _unreadable(key, text, "not a JSON object")
+    return None
+
+
+def _load(text: str | bytes, key: str, *, version: int | None = None) -> Record | None:
+    """The Record stored as ``text``, or None (logged once) for anything malformed."""
+    data = _parse(text, key)
+    if data is None:
+        return None
+    try:
+        grant = data["grant"]
+        if grant is not None:
+            if not isinstance(grant, list) or len(grant) != 3:
+                raise TypeError("grant must be a list of three")
+            grant = Grant(*grant)
         writer = data.get("writer", "")  # absent from 0.1's records
         return Record(
             grant,
-            int(data["version"]),
+            data["version"] if version is None else version,
             data["fetched_at"],
-            data["blocked_until"],
-            writer if isinstance(writer, str) else "",
+            writer=writer if isinstance(writer, str) else "",
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError) as error:
+        _unreadable(key, text, f"{type(error).__name__} in its fields")
         return None
 
 
@@ -156,16 +244,24 @@ class Store(Protocol):
         ...
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
-        """Take the key's lease for at most ``ttl`` seconds, or None if someone holds it."""
+        """Take the key's lease, or None while a live holder has it (``ttl``: see each store)."""
         ...
 
-    def write(self, key: str, record: Record) -> bool:
-        """Store ``record`` if the key's version is ``record.version - 1``; False if not."""
+    def write(self, key: str, record: Record, *, expect: int | None = None) -> bool:
+        """Store ``record`` if the key's version is ``expect``; False if not.
+
+        ``expect`` is the version the writer read (0 when there was no readable
+        record); None means ``record.version - 1``. A successful write ends any hold-back.
+        """
         ...
 
-    def hold_back(self, key: str, until: float) -> None:
-        """Tell every caller not to fetch for ``key`` before wall time ``until``."""
+    def hold_back(self, key: str, *, seconds: float) -> None:
+        """Tell every caller not to fetch for ``key`` for ``seconds``, counted by the store."""
         ...
+
+
+def _expected(record: Record, expect: int | None) -> int:
+    return record.version - 1 if expect is None else expect
 
 
 # -- one process ---------------------------------------------------------------
@@ -182,10 +278,16 @@ class _MemoryLease:
 
 
 class MemoryStore:
-    """A store for one process: every SharedToken given it shares its records."""
+    """A store for one process: every SharedToken given it shares its records.
+
+    A lease is held until its holder releases it, whatever its ttl (a live
+    thread keeps it, as a live process keeps a ``FileStore`` lease), and a
+    hold-back runs on this process's monotonic clock.
+    """
 
     def __init__(self) -> None:
         self._records: dict[str, Record] = {}
+        self._holds: dict[str, float] = {}  # key -> monotonic deadline
         self._after_fork()
         _memory_stores.add(self)
 
@@ -193,41 +295,43 @@ class MemoryStore:
         # A child starts with the parent's records but none of its leases: the
         # threads that held them do not exist there, and the lock may be held.
         self._lock = threading.Lock()
-        self._leases: dict[str, tuple[float, _MemoryLease]] = {}
+        self._leases: dict[str, _MemoryLease] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore(keys={len(self._records)})"
 
     def read(self, key: str) -> Record | None:
-        return self._records.get(key)
+        with self._lock:
+            record, hold = self._records.get(key), self._holds.get(key, 0.0)
+        left = hold - _monotonic()
+        if left <= 0:
+            return record
+        return replace(record or Record(None), blocked_until=time.time() + left)
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
-        now = time.monotonic()
         with self._lock:
-            held = self._leases.get(key)
-            if held is not None and held[0] > now:
+            if key in self._leases:
                 return None
-            lease = _MemoryLease(self, key)
-            self._leases[key] = (now + ttl, lease)
+            lease = self._leases[key] = _MemoryLease(self, key)
             return lease
 
     def _release(self, key: str, lease: _MemoryLease) -> None:
         with self._lock:
-            held = self._leases.get(key)
-            if held is not None and held[1] is lease:
+            if self._leases.get(key) is lease:
                 del self._leases[key]
 
-    def write(self, key: str, record: Record) -> bool:
+    def write(self, key: str, record: Record, *, expect: int | None = None) -> bool:
         with self._lock:
             current = self._records.get(key)
-            if (0 if current is None else current.version) != record.version - 1:
+            if (0 if current is None else current.version) != _expected(record, expect):
                 return False
-            self._records[key] = record
+            self._records[key] = replace(record, blocked_until=0.0)
+            self._holds.pop(key, None)
             return True
 
-    def hold_back(self, key: str, until: float) -> None:
+    def hold_back(self, key: str, *, seconds: float) -> None:
         with self._lock:
-            self._records[key] = replace(self._records.get(key, Record(None)), blocked_until=until)
+            self._holds[key] = _monotonic() + seconds
 
 
 def printable(key: str) -> str:
@@ -239,36 +343,59 @@ def printable(key: str) -> str:
 
 # -- one host: files -------------------------------------------------------------
 
-# Locks this process holds, so that a forked child can close its copies: a
-# parent that dies then frees the lease at once, as flock promises.
+# Locks this process holds or is taking, so that a forked child can close its
+# copies: a parent that dies then frees the lease at once, as flock promises.
+# A lock is recorded before flock() is called, under _fork_guard, which a fork
+# waits for: no child is ever forked holding a copy the hook does not know.
 _held_flocks: set[_Flock] = set()
+_fork_guard = threading.Lock()
+#: Seconds between tries while another process holds a FileStore's write lock.
+_LOCK_POLL = 0.005
 
 
 class _Flock:
-    """An exclusive ``flock`` on a file that is never unlinked, so all lock one inode."""
+    """An exclusive ``flock`` on a file that is never unlinked, so all lock one inode.
 
-    def __init__(self, path: Path, *, blocking: bool) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    ``wait``: seconds to wait for a lock another process holds (0: not at all);
+    past it, ``BlockingIOError``.
+    """
+
+    def __init__(self, path: Path, *, wait: float = 0.0) -> None:
+        with _fork_guard:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._pid = os.getpid()
+            _held_flocks.add(self)
         try:
-            os.fchmod(fd, 0o600)  # one made by an older umask, or by hand
-            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(self._fd, 0o600)  # one made by an older umask, or by hand
+            give_up = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= give_up:
+                        raise
+                time.sleep(_LOCK_POLL)
         except BaseException:
-            os.close(fd)
+            self._close()
             raise
-        self._fd, self._pid = fd, os.getpid()
-        _held_flocks.add(self)
+
+    def _close(self) -> None:
+        with _fork_guard:
+            fd, self._fd = self._fd, -1
+            _held_flocks.discard(self)
+        os.close(fd)
 
     def release(self) -> None:
-        fd, self._fd = self._fd, -1
+        fd = self._fd
         if fd < 0:
             return  # released already, or closed in a forked child
-        _held_flocks.discard(self)
         # The lock belongs to the open file description, which a forked child
         # shares: only the process that took it unlocks, else a child that
         # returns through our code would free its parent's lease.
         if os.getpid() == self._pid:  # pragma: no branch - the other way runs in a child
             fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        self._close()
 
     def _close_in_child(self) -> None:  # pragma: no cover - runs in forked children
         fd, self._fd = self._fd, -1
@@ -279,8 +406,13 @@ class _Flock:
 def _os_errors(what: str, key: str) -> Iterator[None]:
     try:
         yield
+    except BlockingIOError:
+        raise StoreUnavailable(
+            f"{what} failed for key {printable(key)!r}: another process held the write lock "
+            "past lock_timeout"
+        ) from None
     except OSError as error:
-        # strerror, not str(error): the OSError's text quotes the file name, which holds the key.
+        # strerror, not str(error): the OSError's text quotes the file name.
         reason = error.strerror or (type(error).__name__ if error.filename else str(error))
         raise StoreUnavailable(f"{what} failed for key {printable(key)!r}: {reason}") from None
 
@@ -288,15 +420,22 @@ def _os_errors(what: str, key: str) -> Iterator[None]:
 class FileStore:
     """A store for every process on one host: a directory of small files (POSIX, stdlib only).
 
-    Per key, ``<key>.json`` holds the record (replaced atomically, read
-    without a lock) and ``<key>.lease`` is ``flock``-ed by the fetching
+    Per key, ``<hash>.json`` holds the record (replaced atomically, read
+    without a lock; ``<hash>`` is the first 32 hex digits of the key's SHA-256,
+    and the record names its key, with a credential-like session part
+    fingerprinted) and ``<hash>.lease`` is ``flock``-ed by the fetching
     process (never unlinked; a process that dies frees it at once). One
-    ``.write.lock`` serialises the brief compare-and-set of every write. The
-    directory is created 0700 and every file 0600.
+    ``.write.lock`` serialises the brief compare-and-set of every write; a
+    writer waits for it at most ``lock_timeout`` seconds, then the write fails
+    with ``StoreUnavailable`` (the fetched token is delivered all the same).
+    A hold-back runs on the host's monotonic clock, which every process on
+    the host shares and no clock step moves. The directory is created 0700
+    and every file 0600.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, lock_timeout: float = 5.0) -> None:
         self._directory = Path(directory)
+        self._lock_timeout = seconds(lock_timeout, "lock_timeout")
         with _os_errors(f"FileStore({str(self._directory)!r})", "*"):
             self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = os.lstat(self._directory)
@@ -311,33 +450,52 @@ class FileStore:
         return f"FileStore({str(self._directory)!r})"
 
     def _path(self, key: str, suffix: str) -> Path:
-        return self._directory / f"{quote(key, safe='')}{suffix}"
+        return self._directory / f"{hashed(key)}{suffix}"
+
+    def _legacy(self, key: str) -> Path:
+        """Where token_refresh 0.2 kept the key's record: the key, %-quoted."""
+        return self._directory / f"{quote(key, safe='')}.json"
 
     def read(self, key: str) -> Record | None:
         with _os_errors(repr(self), key):
             try:
-                return _load(self._path(key, ".json").read_bytes())
+                text = self._path(key, ".json").read_bytes()
             except FileNotFoundError:
-                return None
+                return self._read_legacy(key)
+        record = _load(text, key)
+        if record is None:
+            return None
+        left = _hold_left(json.loads(text).get("hold"))  # a readable record is a JSON object
+        return record if left <= 0 else replace(record, blocked_until=time.time() + left)
+
+    def _read_legacy(self, key: str) -> Record | None:
+        """A 0.2 record, as version 0: its refresh token is used once, then the file goes."""
+        try:
+            text = self._legacy(key).read_bytes()
+        except OSError:  # none, or a name too long to have been written
+            return None
+        return _load(text, key, version=0)
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
         with _os_errors(repr(self), key):
             try:
-                return _Flock(self._path(key, ".lease"), blocking=False)
+                return _Flock(self._path(key, ".lease"))
             except BlockingIOError:
                 return None
 
-    def write(self, key: str, record: Record) -> bool:
-        return self._update(key, lambda current: record, expect=record.version - 1)
+    def write(self, key: str, record: Record, *, expect: int | None = None) -> bool:
+        text = _dump(record, key)
+        return self._update(key, lambda current: text, expect=_expected(record, expect))
 
-    def hold_back(self, key: str, until: float) -> None:
-        self._update(key, lambda current: replace(current or Record(None), blocked_until=until))
+    def hold_back(self, key: str, *, seconds: float) -> None:
+        hold = [_monotonic() + seconds, seconds]
+        self._update(key, lambda current: _dump(current or Record(None), key, hold=hold))
 
     def _update(
-        self, key: str, change: Callable[[Record | None], Record], expect: int | None = None
+        self, key: str, change: Callable[[Record | None], str], expect: int | None = None
     ) -> bool:
         with _os_errors(repr(self), key):
-            lock = _Flock(self._directory / ".write.lock", blocking=True)
+            lock = _Flock(self._directory / ".write.lock", wait=self._lock_timeout)
             try:
                 current = self.read(key)
                 if expect is not None and (0 if current is None else current.version) != expect:
@@ -345,15 +503,34 @@ class FileStore:
                 fd, temporary = tempfile.mkstemp(dir=self._directory, prefix=".tmp-")  # 0600
                 try:
                     with os.fdopen(fd, "w", encoding="utf-8") as file:
-                        file.write(_dump(change(current)))
+                        file.write(change(current))
                     os.replace(temporary, self._path(key, ".json"))
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(temporary)
                     raise
+                if expect is not None:  # a grant is stored: a 0.2 record must not come back
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._legacy(key))
                 return True
             finally:
                 lock.release()
+
+
+def _hold_left(hold: object) -> float:
+    """Seconds left of a FileStore hold-back ``[monotonic deadline, seconds]``; 0 if none.
+
+    A deadline further away than the hold-back's own length comes from
+    another boot (or is malformed): it is over, so it can never stretch a
+    ``Retry-After``.
+    """
+    if not isinstance(hold, list) or len(hold) != 2:
+        return 0.0
+    deadline, length = hold
+    if not all(isinstance(n, (int, float)) and math.isfinite(n) for n in (deadline, length)):
+        return 0.0
+    left = float(deadline) - _monotonic()
+    return left if 0 < left <= length else 0.0
 
 
 # -- every host: Redis ----------------------------------------------------------
@@ -363,14 +540,19 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-# Compare-and-set on the version: ARGV = new version, record JSON.
+# Compare-and-set on the version: KEYS = record, hold-back; ARGV = expected version,
+# new version, record JSON. A missing or unreadable version counts as 0, as it does
+# for the reader, so that a flushed or restarted Redis takes the next write.
 _WRITE = """
-local current = tonumber(redis.call('hget', KEYS[1], 'version') or '0')
-if current ~= tonumber(ARGV[1]) - 1 then return 0 end
-redis.call('hset', KEYS[1], 'version', ARGV[1], 'record', ARGV[2])
-redis.call('hdel', KEYS[1], 'blocked_until')  -- a token again: the hold-back is over
+local current = tonumber(redis.call('hget', KEYS[1], 'version')) or 0
+if current ~= tonumber(ARGV[1]) then return 0 end
+redis.call('hset', KEYS[1], 'version', ARGV[2], 'record', ARGV[3])
+redis.call('del', KEYS[2])  -- a token again: the hold-back is over
 return 1
 """
+#: What a Redis ACL user must be allowed for RedisStore (``+@read`` alone is not enough).
+#: The scripts run ``get``, ``hget`` and ``hset`` themselves, and ACLs check those too.
+REDIS_COMMANDS = ("hgetall", "hget", "hset", "get", "pttl", "set", "del", "evalsha", "script|load")
 
 
 class _RedisLease:
@@ -379,18 +561,39 @@ class _RedisLease:
 
     def release(self) -> None:
         with self._store._errors(self._key):
-            self._store._release(keys=[self._store._lease_key(self._key)], args=[self._token])
+            self._store._release(keys=[self._store._name(self._key, ":lease")], args=[self._token])
+
+
+def _field(fields: dict[Any, Any], name: str) -> Any:
+    """A hash field read with or without ``decode_responses``."""
+    return fields.get(name.encode(), fields.get(name))
+
+
+def _version(text: object) -> int:
+    """A hash's ``version`` field as the write script reads it: 0 when missing or not a number."""
+    if not isinstance(text, (str, bytes)):
+        return 0
+    try:
+        return max(0, int(text))
+    except ValueError:
+        return 0
 
 
 class RedisStore:
     """A store for every host: a Redis hash per key and a ``SET NX PX`` lease.
 
-    Takes a ``redis.Redis`` client (``pip install "token_refresh[redis]"``).
-    A holder that dies frees its lease after its ttl. Every call is bounded by
-    the client's own settings: give it a ``socket_timeout`` (redis-py's
-    default is 5 s) and mind its retries (by default up to 10, with backoff),
-    or a frozen server holds a fetch that long; ``SharedToken``'s
-    ``fetch_timeout`` bounds what its callers wait either way.
+    Takes a ``redis.Redis`` (or ``RedisCluster``) client (``pip install
+    "token_refresh[redis]"``). Keys are ``<prefix>{<hash>}`` for the record,
+    with ``:lease`` and ``:hold`` beside it in the same hash slot; ``<hash>`` is
+    the first 32 hex digits of the key's SHA-256, and the record names its key
+    (a credential-like session part fingerprinted). A holder that dies frees
+    its lease after its ttl; a hold-back is a key that Redis itself expires
+    (``PX``), so no host's clock stretches or cancels it. Every command is
+    bounded by the client's own settings: give it a ``socket_timeout``, and
+    mind its retries, or a frozen server holds the store write (never the
+    token: it is delivered before the write) that long. An ACL user needs the
+    commands in :data:`~token_refresh.shared.REDIS_COMMANDS` on the prefix's keys; a refused one
+    raises ``StoreUnavailable`` naming it.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "token_refresh:") -> None:
@@ -398,57 +601,91 @@ class RedisStore:
             import redis
         except ImportError as error:
             raise ImportError('RedisStore needs: pip install "token_refresh[redis]"') from error
-        self._client, self._prefix, self._redis_error = client, prefix, redis.RedisError
+        self._client, self._prefix = client, prefix
+        self._redis_error, self._refused = redis.RedisError, redis.exceptions.NoPermissionError
         self._release = client.register_script(_RELEASE)
         self._write = client.register_script(_WRITE)
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self._prefix!r})"
 
-    def _record_key(self, key: str) -> str:
-        return f"{self._prefix}{{{key}}}"  # a hash tag: record and lease share a cluster slot
-
-    def _lease_key(self, key: str) -> str:
-        return f"{self._record_key(key)}:lease"
+    def _name(self, key: str, suffix: str = "") -> str:
+        # A hash tag: record, lease and hold-back share a cluster slot.
+        return f"{self._prefix}{{{hashed(key)}}}{suffix}"
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:
         try:
             yield
         except self._redis_error as error:
+            if not isinstance(error, self._refused) and "can't run this command" not in str(error):
+                raise StoreUnavailable(
+                    f"Redis failed for key {printable(key)!r}: {type(error).__name__}: {error}"
+                ) from None
             raise StoreUnavailable(
-                f"Redis failed for key {printable(key)!r}: {type(error).__name__}: {error}"
+                f"Redis refused a command for key {printable(key)!r} ({error}); RedisStore "
+                f"needs these commands on {self._prefix}*: {' '.join(REDIS_COMMANDS)}"
             ) from None
 
     def read(self, key: str) -> Record | None:
         with self._errors(key):
-            fields: dict[Any, Any] = self._client.hgetall(self._record_key(key))
-        text = fields.get(b"record", fields.get("record"))
-        blocked = float(fields.get(b"blocked_until", fields.get("blocked_until", 0)))
-        record = None if text is None else _load(text)
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.hgetall(self._name(key))
+            pipeline.pttl(self._name(key, ":hold"))
+            fields, hold = pipeline.execute()
+            if not fields:
+                legacy = self._client.hgetall(f"{self._prefix}{{{key}}}")  # 0.2's key
+                text = _field(legacy, "record")
+                record = None if text is None else _load(text, key, version=0)
+            else:
+                record = self._record(key, fields)
+        if hold is None or hold <= 0:  # -2: no hold-back, -1: one without expiry (not ours)
+            return record
+        return replace(record or Record(None), blocked_until=time.time() + hold / 1000)
+
+    @staticmethod
+    def _record(key: str, fields: dict[Any, Any]) -> Record | None:
+        """The hash's record; an unreadable one keeps its version, which the next write expects."""
+        text = _field(fields, "record")
+        record = None if text is None else _load(text, key)
         if record is None:
-            return Record(None, blocked_until=blocked) if blocked else None
-        return replace(record, blocked_until=blocked)
+            version = _version(_field(fields, "version"))
+            return Record(None, version) if version else None
+        return record
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
         token = secrets.token_hex(16)  # names this holder; not a credential
         with self._errors(key):
             taken = self._client.set(
-                self._lease_key(key), token, nx=True, px=max(1, int(ttl * 1000))
+                self._name(key, ":lease"), token, nx=True, px=max(1, int(ttl * 1000))
             )
         return _RedisLease(self, key, token) if taken else None
 
-    def write(self, key: str, record: Record) -> bool:
+    def write(self, key: str, record: Record, *, expect: int | None = None) -> bool:
         with self._errors(key):
-            stored = self._write(keys=[self._record_key(key)], args=[record.version, _dump(record)])
+            stored = self._write(
+                keys=[self._name(key), self._name(key, ":hold")],
+                args=[_expected(record, expect), record.version, _dump(record, key)],
+            )
+            if stored and _expected(record, expect) == 0:
+                self._client.delete(f"{self._prefix}{{{key}}}")  # 0.2's record must not come back
         return bool(stored)
 
-    def hold_back(self, key: str, until: float) -> None:
+    def hold_back(self, key: str, *, seconds: float) -> None:
         with self._errors(key):
-            self._client.hset(self._record_key(key), "blocked_until", repr(until))
+            self._client.set(self._name(key, ":hold"), "1", px=max(1, math.ceil(seconds * 1000)))
+
+
+def _before_fork() -> None:  # pragma: no cover - runs around a fork
+    _fork_guard.acquire()
+
+
+def _after_fork_in_parent() -> None:  # pragma: no cover - runs around a fork
+    _fork_guard.release()
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked children
+    _fork_guard.release()
     for store in list(_memory_stores):
         store._after_fork()
     for flock in list(_held_flocks):
@@ -456,4 +693,6 @@ def _after_fork_in_child() -> None:  # pragma: no cover - runs in forked childre
     _held_flocks.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

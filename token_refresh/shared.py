@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
-import math
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import TracebackType
 
+from . import _stores
 from ._context import current_session_id, note_served_by
 from ._format import fingerprint
 from ._jwt import decode_jwt_expiry
 from ._stores import (
+    REDIS_COMMANDS,
     FileStore,
     Grant,
     Lease,
@@ -27,12 +28,14 @@ from ._stores import (
     StoreUnavailable,
 )
 from ._stores import printable as _printable
+from ._stores import seconds as _seconds
 from ._stores import served_by as _served_by
 from ._stores import this_process as _this_process
 from .events import ServedBy
 
 __all__ = [
     "FETCH_TIMEOUT",
+    "REDIS_COMMANDS",
     "FetchTimeout",
     "FileStore",
     "Grant",
@@ -58,6 +61,17 @@ _POLL_INTERVAL = 0.02
 _MAX_STUCK = 3
 
 _live_tokens: weakref.WeakSet[SharedToken] = weakref.WeakSet()
+#: Seconds an exiting interpreter waits, in all, for delivered tokens still being stored.
+_EXIT_WAIT = 5.0
+_writing: set[threading.Thread] = set()  # threads storing a token their callers already have
+
+
+@atexit.register
+def _finish_writes() -> None:
+    """At exit, let tokens already delivered reach the store (``_EXIT_WAIT`` seconds in all)."""
+    give_up = time.monotonic() + _EXIT_WAIT
+    for thread in list(_writing):
+        thread.join(max(0.0, give_up - time.monotonic()))
 
 
 class _Default:
@@ -98,27 +112,30 @@ class InvalidGrant(Exception):
 class _Flight:
     """One fetch in progress (or just done) for a key, shared by the calls that join it."""
 
-    __slots__ = ("done", "error", "fetched", "finished", "grant", "key", "started", "traceback")
+    __slots__ = ("done", "error", "fetched", "finished", "grant", "key", "started")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.started = time.monotonic()
-        self.finished = 0.0  # wall time, like a token's fetched_at
+        self.finished = 0.0  # monotonic: a clock step neither stretches nor ends the sharing
         self.done = threading.Event()
         self.grant: Grant | None = None
         self.fetched: ServedBy | None = None  # who fetched the grant, for the flight's starter
         self.error: BaseException | None = None
-        self.traceback: TracebackType | None = None
 
 
-def _seconds(value: object, name: str, *, optional: bool = False) -> float:
-    if value is None and optional:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must not be negative, not {value!r}")
-    return float(value)
+def _own_copy(error: BaseException) -> BaseException:
+    """The shared failure as one caller's own exception: same type, message and attributes.
+
+    Raising one object from many threads would tie each caller's traceback
+    and ``__context__`` (what it was handling) to the others'.
+    """
+    try:
+        own = type(error).__new__(type(error), *error.args)
+        own.__dict__.update(vars(error))
+    except Exception:  # a class that cannot be made without its __init__: share it
+        return error
+    return own
 
 
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
@@ -204,7 +221,7 @@ class SharedToken:
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         self._running: set[_Flight] = set()
-        self._held: dict[str, float] = {}  # key -> wall time before which calls fail at once
+        self._held: dict[str, float] = {}  # key -> monotonic time before which calls fail
 
     def __repr__(self) -> str:
         return f"SharedToken(key={_printable(self._key)!r}, store={self._store!r})"
@@ -237,7 +254,7 @@ class SharedToken:
             record = self._cache.get(key)
             if record is not None and record.grant is not None and self._usable(record):
                 return record.grant.access_token, _served_by(record.writer)
-            held = self._held.get(key, 0.0) - time.time()
+            held = self._held.get(key, 0.0) - _stores._monotonic()
             if held > 0:
                 raise RateLimited(held, _printable(key))
             flight = self._flights.get(key)
@@ -271,7 +288,10 @@ class SharedToken:
                 "the fetch or the store did not answer"
             )
         if flight.error is not None:
-            raise flight.error.with_traceback(flight.traceback)
+            own = _own_copy(flight.error)
+            if own is flight.error:
+                raise own
+            raise own from flight.error
         served_by: ServedBy = flight.fetched or "unknown"
         if served_by == "fetch" and not start:
             served_by = "thread"  # another call in this process started the fetch
@@ -281,7 +301,7 @@ class SharedToken:
         for observe in self._observers:
             try:
                 observe(kind, value, attributes)
-            except BaseException as error:  # a metrics backend's fault breaks no call
+            except Exception as error:  # a metrics backend's fault breaks no call
                 _log.error("[shared] metrics observer raised %s", type(error).__name__)
 
     @contextmanager
@@ -314,7 +334,9 @@ class SharedToken:
         expiry = grant.expires_at
         if expiry is None:
             expiry = decode_jwt_expiry(grant.access_token)
-        young = now - record.fetched_at < self._max_age  # a storm shares one fetch
+        # A storm shares one fetch; a record from the future (a host whose clock is ahead,
+        # or ours stepped back) is not young: its age is unknown.
+        young = 0 <= now - record.fetched_at < self._max_age
         if expiry is not None:
             return expiry - now > self._min_ttl or (young and expiry > now)
         return young
@@ -324,7 +346,7 @@ class SharedToken:
         if not flight.done.is_set():
             return now - flight.started < self._fetch_timeout  # past it, the fetch counts as stuck
         # A failure (or None) is shared for max_age; a token is shared through the cache.
-        return flight.grant is None and time.time() - flight.finished < self._max_age
+        return flight.grant is None and _stores._monotonic() - flight.finished < self._max_age
 
     def _run(self, flight: _Flight, context: contextvars.Context) -> None:
         try:
@@ -352,15 +374,15 @@ class SharedToken:
     ) -> None:
         """Give the flight its outcome and wake its callers; ``fetched``: by this flight."""
         with self._lock:
-            flight.finished = time.time()
+            flight.finished = _stores._monotonic()
             if record is not None:
                 flight.grant = record.grant
                 flight.fetched = "fetch" if fetched else _served_by(record.writer)
                 self._cache[flight.key] = record
             if isinstance(error, RateLimited):
-                self._held[flight.key] = time.time() + error.retry_after
+                self._held[flight.key] = _stores._monotonic() + error.retry_after
             if error is not None:
-                flight.error, flight.traceback = error, error.__traceback__
+                flight.error = error
                 _log.debug(
                     "[shared:%s] fetch failed: %s", _printable(flight.key), type(error).__name__
                 )
@@ -372,7 +394,8 @@ class SharedToken:
         """Forget what no call can use any more (lock held), so per-session keys do not pile up."""
         self._cache = {k: r for k, r in self._cache.items() if self._usable(r)}
         self._flights = {k: f for k, f in self._flights.items() if self._joinable(f, now)}
-        self._held = {k: until for k, until in self._held.items() if until > time.time()}
+        now_held = _stores._monotonic()
+        self._held = {k: until for k, until in self._held.items() if until > now_held}
         self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
 
     # -- through the store (on the flight's thread) ------------------------------
@@ -425,13 +448,19 @@ class SharedToken:
             self._notify("lease_wait", time.monotonic() - since, {})
 
     def _fetch_and_store(self, flight: _Flight, record: Record | None) -> None:
+        """Fetch under the lease, deliver the token, then store it (a failed write loses none)."""
         key, store = flight.key, self._store
         with self._lock:
             ours = self._cache.get(key)
-        if ours is not None and (record is None or ours.version > record.version):
-            record = ours  # newer than the store's: our last write failed, keep its refresh token
+        stored = 0 if record is None else record.version  # what the write compares against
+        if ours is not None and (
+            record is None or record.grant is None or ours.version > record.version
+        ):
+            record = ours  # the store lost our last write, or never took it: keep its refresh token
         previous = None if record is None else record.grant
-        version = 0 if record is None else record.version
+        # Versions only grow, even after the store forgot them (a restart, a flush, a deleted
+        # file): a process that still caches an older version must never prefer it.
+        version = max(stored, 0 if ours is None else ours.version) + 1
         began = time.monotonic()
         try:
             result: object = self._fetch(previous) if self._rotating else self._fetch()
@@ -439,13 +468,13 @@ class SharedToken:
             self._fetched(began, "RateLimited")
             try:
                 with self._store_errors("hold_back"):
-                    store.hold_back(key, time.time() + limited.retry_after)
+                    store.hold_back(key, seconds=limited.retry_after)
             except StoreUnavailable as error:
                 _warn(key, error, "held back in this process only")
             raise
         except InvalidGrant:
             self._fetched(began, "InvalidGrant")
-            newer = self._await_newer(key, version) if self._rotating else None
+            newer = self._await_newer(key, stored) if self._rotating else None
             if newer is None:
                 raise
             self._finish(flight, newer)  # a sibling rotated first: its grant is good
@@ -463,16 +492,24 @@ class SharedToken:
             self._fetched(began, type(result).__name__)
             raise TypeError(f"fetch returned {type(result).__name__}, not a str, Grant or None")
         self._fetched(began, None)
-        fresh = Record(result, version + 1, time.time(), writer=_this_process())
+        fresh = Record(result, version, time.time(), writer=_this_process())
+        _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(result.access_token))
+        self._finish(flight, fresh, fetched=True)  # first the callers, then the store
+        self._write(key, fresh, stored)
+
+    def _write(self, key: str, fresh: Record, stored: int) -> None:
+        """Store a delivered record if the store still holds the version read before the fetch."""
+        _writing.add(threading.current_thread())
         try:
             with self._store_errors("write"):
-                written = store.write(key, fresh)
-            if not written:
-                _log.debug("[shared:%s] a newer token was stored meanwhile", _printable(key))
+                written = self._store.write(key, fresh, expect=stored)
         except StoreUnavailable as error:
             _warn(key, error, "the token serves this process only")
-        _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(result.access_token))
-        self._finish(flight, fresh, fetched=True)
+            return
+        finally:
+            _writing.discard(threading.current_thread())
+        if not written:
+            _log.debug("[shared:%s] a newer token was stored meanwhile", _printable(key))
 
     def _fetched(self, began: float, error_type: str | None) -> None:
         """Report one call of ``fetch``: how long it ran, and its failure if it failed."""
