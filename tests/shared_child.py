@@ -6,7 +6,8 @@ SPEC is JSON: ``store`` ("file" with ``path`` a directory, or "redis" with
 - ``storm``: fork ``processes`` children (cheaper than starting as many
   interpreters), each of which prints ``ready``, waits for one byte on stdin,
   then calls the token from ``threads`` threads at once and prints the tokens
-  they got as a JSON line.
+  they got as a JSON line. With ``refused`` (a token): a thread that got it
+  rejects it (the server answered 401) and calls the token again.
 - ``hold``: call the token with a fetch that prints ``fetching`` and then
   blocks for ever (until the test kills this process).
 - ``fork-hold``: take the key's lease, fork a child that lives on, print
@@ -69,7 +70,7 @@ def main() -> None:
     for _ in range(spec["processes"]):
         pid = os.fork()
         if pid == 0:
-            storm(token, spec["threads"])
+            storm(token, spec["threads"], refused=spec.get("refused"))
             sys.exit(0)  # as a worker exits: the at-exit hook lets the token reach the store
         children.append(pid)
     for pid in children:
@@ -103,12 +104,20 @@ def fork_in_flock(store: Store, key: str) -> None:
     sys.stdin.read()
 
 
-def storm(token: SharedToken, threads: int) -> None:
+def storm(token: SharedToken, threads: int, *, refused: str | None) -> None:
     # One write each (under PIPE_BUF, so atomic): the children share the pipe.
     os.write(1, b"ready\n")
     os.read(0, 1)  # one byte each: the go signal for every child at once
     results: list[str | None] = []
-    callers = [threading.Thread(target=lambda: results.append(token())) for _ in range(threads)]
+
+    def call() -> None:
+        got = token()
+        if got is not None and got == refused:
+            token.reject(got)
+            got = token()
+        results.append(got)
+
+    callers = [threading.Thread(target=call) for _ in range(threads)]
     for caller in callers:
         caller.start()
     for caller in callers:

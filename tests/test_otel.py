@@ -507,6 +507,15 @@ class TestSharedToken:
         assert meter.total("token_refresh.shared.store.errors", operation="read", store="down") == 1
         assert meter.total("token_refresh.shared.calls", error_type="StoreUnavailable") == 1
 
+    def test_a_rejection_that_forces_a_fetch_is_counted(self, meter: Metrics) -> None:
+        """token_refresh.shared.rejections counts forced fetches, not every reject() call."""
+        shared = SharedToken(lambda: "opaque")
+        otel.instrument(shared, meter.provider)
+        assert shared() == "opaque"
+        assert shared.reject("opaque")
+        assert not shared.reject("opaque")  # marked already
+        assert meter.total("token_refresh.shared.rejections", store="memory") == 1
+
 
 class TestFaults:
     def test_a_failing_metrics_backend_breaks_no_refresh(

@@ -118,6 +118,9 @@ class FlakyStore:
     def hold_back(self, key: str, *, seconds: float) -> None:
         self.inner.hold_back(key, seconds=seconds)
 
+    def reject(self, key: str, version: int, *, interval: float) -> bool:
+        return self.inner.reject(key, version, interval=interval)
+
 
 # -- writes that converge ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -119,6 +119,9 @@ class Record:
     blocked_until: float = 0.0
     #: the process that fetched the grant, ``host:pid:nonce`` ("": not known)
     writer: str = ""
+    #: a server refused the grant's access token (``SharedToken.reject``): not reused, and
+    #: the next fetch starts from the grant (its refresh token)
+    refused: bool = False
 
     def __post_init__(self) -> None:
         if self.grant is not None and not isinstance(self.grant, Grant):
@@ -131,6 +134,8 @@ class Record:
         _instant(self.blocked_until, "Record.blocked_until")
         if not isinstance(self.writer, str):
             raise TypeError("Record.writer must be a str")
+        if not isinstance(self.refused, bool):
+            raise TypeError("Record.refused must be a bool")
 
 
 _HOST = socket.gethostname()
@@ -170,6 +175,7 @@ def _dump(record: Record, key: str, **extra: object) -> str:
         "version": record.version,
         "fetched_at": record.fetched_at,
         "writer": record.writer,
+        "refused": record.refused,
         "grant": None
         if grant is None
         else [grant.access_token, grant.refresh_token, grant.expires_at],
@@ -224,6 +230,7 @@ def _load(text: str | bytes, key: str, *, version: int | None = None) -> Record 
             data["version"] if version is None else version,
             data["fetched_at"],
             writer=writer if isinstance(writer, str) else "",
+            refused=data.get("refused", False),
         )
     except (ValueError, KeyError, TypeError) as error:
         _unreadable(key, text, f"{type(error).__name__} in its fields")
@@ -259,9 +266,28 @@ class Store(Protocol):
         """Tell every caller not to fetch for ``key`` for ``seconds``, counted by the store."""
         ...
 
+    def reject(self, key: str, version: int, *, interval: float) -> bool:
+        """Mark the record at ``version`` refused, unless a mark was made within ``interval`` s.
+
+        False when the key's version is no longer ``version``, its record is
+        marked already, or the last mark is less than ``interval`` seconds old
+        (counted by the store); the mark outlives the writes that follow it.
+        """
+        ...
+
 
 def _expected(record: Record, expect: int | None) -> int:
     return record.version - 1 if expect is None else expect
+
+
+def _may_refuse(current: Record | None, version: int) -> bool:
+    """Whether ``reject`` may mark ``current``: still at ``version``, with a grant, not marked."""
+    return (
+        current is not None
+        and current.grant is not None
+        and current.version == version
+        and not current.refused
+    )
 
 
 # -- one process ---------------------------------------------------------------
@@ -288,6 +314,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._records: dict[str, Record] = {}
         self._holds: dict[str, float] = {}  # key -> monotonic deadline
+        self._rejects: dict[str, float] = {}  # key -> monotonic time of the next allowed mark
         self._after_fork()
         _memory_stores.add(self)
 
@@ -332,6 +359,17 @@ class MemoryStore:
     def hold_back(self, key: str, *, seconds: float) -> None:
         with self._lock:
             self._holds[key] = _monotonic() + seconds
+
+    def reject(self, key: str, version: int, *, interval: float) -> bool:
+        now = _monotonic()
+        with self._lock:
+            current = self._records.get(key)
+            if not _may_refuse(current, version) or self._rejects.get(key, now) > now:
+                return False
+            assert current is not None
+            self._records[key] = replace(current, refused=True)
+            self._rejects[key] = now + interval
+            return True
 
 
 def printable(key: str) -> str:
@@ -484,37 +522,64 @@ class FileStore:
                 return None
 
     def write(self, key: str, record: Record, *, expect: int | None = None) -> bool:
-        text = _dump(record, key)
-        return self._update(key, lambda current: text, expect=_expected(record, expect))
+        with self._locked(key):
+            current = self.read(key)
+            if (0 if current is None else current.version) != _expected(record, expect):
+                return False
+            self._store(key, record)
+            with contextlib.suppress(OSError):  # a 0.2 record must not come back
+                os.unlink(self._legacy(key))
+            return True
 
     def hold_back(self, key: str, *, seconds: float) -> None:
-        hold = [_monotonic() + seconds, seconds]
-        self._update(key, lambda current: _dump(current or Record(None), key, hold=hold))
+        with self._locked(key):
+            current = self.read(key) or Record(None)
+            self._store(key, replace(current, blocked_until=time.time() + seconds))
 
-    def _update(
-        self, key: str, change: Callable[[Record | None], str], expect: int | None = None
-    ) -> bool:
+    def reject(self, key: str, version: int, *, interval: float) -> bool:
+        with self._locked(key):
+            current = self.read(key)
+            mark = self._path(key, ".reject")  # [monotonic time the mark ends, interval]
+            try:
+                last = json.loads(mark.read_bytes())
+            except (OSError, ValueError):  # none yet, or unreadable: no mark counts
+                last = None
+            if not _may_refuse(current, version) or _hold_left(last) > 0:
+                return False
+            assert current is not None
+            self._store(key, replace(current, refused=True))
+            self._replace(mark, json.dumps([_monotonic() + interval, interval]))
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """Hold the write lock (waiting at most lock_timeout), OSErrors as StoreUnavailable."""
         with _os_errors(repr(self), key):
             lock = _Flock(self._directory / ".write.lock", wait=self._lock_timeout)
             try:
-                current = self.read(key)
-                if expect is not None and (0 if current is None else current.version) != expect:
-                    return False
-                fd, temporary = tempfile.mkstemp(dir=self._directory, prefix=".tmp-")  # 0600
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as file:
-                        file.write(change(current))
-                    os.replace(temporary, self._path(key, ".json"))
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temporary)
-                    raise
-                if expect is not None:  # a grant is stored: a 0.2 record must not come back
-                    with contextlib.suppress(OSError):
-                        os.unlink(self._legacy(key))
-                return True
+                yield
             finally:
                 lock.release()
+
+    def _store(self, key: str, record: Record) -> None:
+        """Write the record, its hold-back (if any) on this host's monotonic clock."""
+        left = record.blocked_until - time.time()
+        hold = {"hold": [_monotonic() + left, left]} if left > 0 else {}
+        self._replace(
+            self._path(key, ".json"), _dump(replace(record, blocked_until=0.0), key, **hold)
+        )
+
+    def _replace(self, path: Path, text: str) -> None:
+        """Replace the file at ``path`` atomically: a 0600 temporary file, then os.replace."""
+        fd, temporary = tempfile.mkstemp(dir=self._directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
 
 def _hold_left(hold: object) -> float:
@@ -546,8 +611,19 @@ return 0
 _WRITE = """
 local current = tonumber(redis.call('hget', KEYS[1], 'version')) or 0
 if current ~= tonumber(ARGV[1]) then return 0 end
-redis.call('hset', KEYS[1], 'version', ARGV[2], 'record', ARGV[3])
+redis.call('hset', KEYS[1], 'version', ARGV[2], 'record', ARGV[3], 'refused', '0')
 redis.call('del', KEYS[2])  -- a token again: the hold-back is over
+return 1
+"""
+# Mark the record refused: KEYS = record, last mark; ARGV = version, interval in ms.
+# The mark is a key Redis expires, so the interval is counted on Redis's clock.
+_REJECT = """
+local current = tonumber(redis.call('hget', KEYS[1], 'version')) or 0
+if current == 0 or current ~= tonumber(ARGV[1]) then return 0 end  -- 0: no grant stored
+if redis.call('hget', KEYS[1], 'refused') == '1' then return 0 end
+if redis.call('get', KEYS[2]) then return 0 end
+redis.call('hset', KEYS[1], 'refused', '1')
+redis.call('set', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 #: What a Redis ACL user must be allowed for RedisStore (``+@read`` alone is not enough).
@@ -605,6 +681,7 @@ class RedisStore:
         self._redis_error, self._refused = redis.RedisError, redis.exceptions.NoPermissionError
         self._release = client.register_script(_RELEASE)
         self._write = client.register_script(_WRITE)
+        self._reject = client.register_script(_REJECT)
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self._prefix!r})"
@@ -651,7 +728,8 @@ class RedisStore:
         if record is None:
             version = _version(_field(fields, "version"))
             return Record(None, version) if version else None
-        return record
+        refused = _field(fields, "refused") in (b"1", "1")
+        return replace(record, refused=refused)
 
     def try_lease(self, key: str, ttl: float) -> Lease | None:
         token = secrets.token_hex(16)  # names this holder; not a credential
@@ -674,6 +752,14 @@ class RedisStore:
     def hold_back(self, key: str, *, seconds: float) -> None:
         with self._errors(key):
             self._client.set(self._name(key, ":hold"), "1", px=max(1, math.ceil(seconds * 1000)))
+
+    def reject(self, key: str, version: int, *, interval: float) -> bool:
+        with self._errors(key):
+            marked = self._reject(
+                keys=[self._name(key), self._name(key, ":reject")],
+                args=[version, max(1, math.ceil(interval * 1000))],
+            )
+        return bool(marked)  # the flag is a hash field: the record keeps its grant
 
 
 def _before_fork() -> None:  # pragma: no cover - runs around a fork

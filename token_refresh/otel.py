@@ -161,6 +161,11 @@ class _Meters:
             unit="{error}",
             description="Store operations that failed (StoreUnavailable), by operation",
         )
+        self.rejections = meter.create_counter(
+            "token_refresh.shared.rejections",
+            unit="{rejection}",
+            description="Tokens a server refused that forced a new fetch (SharedToken.reject)",
+        )
 
     def _gauge(
         self, field: str
@@ -236,6 +241,8 @@ class _Meters:
                 self.shared_fetch_duration.record(value, merged)
             elif kind == "lease_wait":
                 self.lease_wait.record(value, merged)
+            elif kind == "reject":
+                self.rejections.add(1, merged)
             else:  # "store_error"
                 self.store_errors.add(1, merged)
 

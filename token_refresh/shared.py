@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from . import _stores
 from ._context import current_session_id, note_served_by
@@ -138,13 +139,32 @@ def _own_copy(error: BaseException) -> BaseException:
     return own
 
 
+def _holds(record: Record | None, token: str, *, refused: bool | None = None) -> bool:
+    """Whether the record's access token is ``token`` (and it is marked ``refused`` or not)."""
+    return (
+        record is not None
+        and record.grant is not None
+        and record.grant.access_token == token
+        and refused in (None, record.refused)
+    )
+
+
+def _raise_own(error: BaseException) -> NoReturn:
+    """Raise a shared failure to one caller: its own copy, chained to the fetch's exception."""
+    own = _own_copy(error)
+    if own is error:
+        raise error
+    raise own from error
+
+
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
     _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
 
 
 #: A metrics hook: called as ``observe(kind, value, attributes)`` with kind
 #: "call" (1, served_by or error.type), "fetch" (seconds, error.type on a
-#: failure), "lease_wait" (seconds) or "store_error" (1, operation, error.type).
+#: failure), "lease_wait" (seconds), "store_error" (1, operation, error.type)
+#: or "reject" (1: a refused token forced a fetch).
 _Observer = Callable[[str, float, dict[str, str]], None]
 
 
@@ -173,6 +193,11 @@ class SharedToken:
     With ``per_session=True`` each session has its own token, under the key
     ``f"{key}/{current_session_id()}"``; ``fetch`` reads
     :func:`token_refresh.current_session_id` to pick the credentials.
+
+    When a server refuses a token before it expires, :meth:`reject` drops it
+    so that the next call fetches, at most once per ``reject_interval``
+    seconds (default 30, at least 1) for the key across every process
+    sharing the store.
     """
 
     def __init__(
@@ -188,6 +213,7 @@ class SharedToken:
         per_session: bool = False,
         rotating: bool = False,
         invalid_grant_wait: float = 2.0,
+        reject_interval: float = 30.0,
     ) -> None:
         if not callable(fetch):
             raise TypeError("fetch must be callable")
@@ -209,6 +235,9 @@ class SharedToken:
         self._per_session = bool(per_session)
         self._rotating = bool(rotating)
         self._invalid_grant_wait = _seconds(invalid_grant_wait, "invalid_grant_wait")
+        self._reject_interval = _seconds(reject_interval, "reject_interval")
+        if self._reject_interval < 1:
+            raise ValueError(f"reject_interval must be at least 1 second, not {reject_interval!r}")
         self._cache: dict[str, Record] = {}  # the last record this process saw, per key
         self._observers: tuple[_Observer, ...] = ()  # token_refresh.otel's hook
         self._prune_at = 64
@@ -222,6 +251,7 @@ class SharedToken:
         self._flights: dict[str, _Flight] = {}
         self._running: set[_Flight] = set()
         self._held: dict[str, float] = {}  # key -> monotonic time before which calls fail
+        self._rejected: dict[str, str] = {}  # key -> the last token reject() dropped
 
     def __repr__(self) -> str:
         return f"SharedToken(key={_printable(self._key)!r}, store={self._store!r})"
@@ -260,7 +290,7 @@ class SharedToken:
             flight = self._flights.get(key)
             start = flight is None or not self._joinable(flight, began)
             if start:
-                if sum(running.key == key for running in self._running) >= _MAX_STUCK:
+                if self._stuck(key, began) >= _MAX_STUCK:
                     raise FetchTimeout(
                         f"{_MAX_STUCK} fetches for key {_printable(key)!r} are still running "
                         "past fetch_timeout; not starting another"
@@ -269,33 +299,100 @@ class SharedToken:
                 self._running.add(flight)
         assert flight is not None
         if start:
-            thread = threading.Thread(
-                target=self._run,
-                args=(flight, contextvars.copy_context()),
-                name="token-refresh-shared",
-                daemon=True,
-            )
-            try:
-                thread.start()
-            except RuntimeError as error:  # the OS refused a thread
-                self._finish(flight, error=error)
-                with self._lock:
-                    self._running.discard(flight)
-                raise
+            self._start(flight)
         if not flight.done.wait(min(self._fetch_timeout - (time.monotonic() - began), 1e9)):
             raise FetchTimeout(
                 f"no token for key {_printable(key)!r} within {self._fetch_timeout:g}s: "
                 "the fetch or the store did not answer"
             )
         if flight.error is not None:
-            own = _own_copy(flight.error)
-            if own is flight.error:
-                raise own
-            raise own from flight.error
+            _raise_own(flight.error)
         served_by: ServedBy = flight.fetched or "unknown"
         if served_by == "fetch" and not start:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
+
+    def _stuck(self, key: str, now: float) -> int:
+        """How many of the key's fetches still run past fetch_timeout (lock held).
+
+        A flight that delivered and is writing the store, or one dropped by
+        reject() a moment ago, is not stuck.
+        """
+        return sum(
+            running.key == key
+            and not running.done.is_set()
+            and now - running.started >= self._fetch_timeout
+            for running in self._running
+        )
+
+    def _start(self, flight: _Flight) -> None:
+        """Run the flight on a thread of its own, in a copy of the caller's context."""
+        thread = threading.Thread(
+            target=self._run,
+            args=(flight, contextvars.copy_context()),
+            name="token-refresh-shared",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except RuntimeError as error:  # the OS refused a thread
+            self._finish(flight, error=error)
+            with self._lock:
+                self._running.discard(flight)
+            raise
+
+    def reject(self, token: str) -> bool:
+        """Tell that a server refused ``token``; True if this call forced a new fetch.
+
+        If ``token`` is still the key's current token, in this process and in
+        the store, it is dropped, so that the next call fetches a new one (a
+        rotating fetch gets the refused grant, with its refresh token). If a
+        newer token is there already, nothing happens: N concurrent rejections
+        of one token, in any number of threads, processes or hosts, force one
+        fetch. The first rejection always forces a fetch; after that the key
+        gets at most one forced fetch per ``reject_interval`` seconds, counted
+        by the store from the last one, so a token refused for ever (a wrong
+        audience) costs one fetch per interval. Each forced fetch is logged at
+        WARNING and reported to metrics (``token_refresh.shared.rejections``).
+        Raises ``StoreUnavailable`` when the store fails. Per-session tokens
+        reject the current session's.
+        """
+        key = self._key_for(current_session_id())
+        began = time.monotonic()
+        record = self._read_for_reject(key)
+        forced = False
+        if _holds(record, token, refused=False):
+            assert record is not None
+            with self._store_errors("reject"):
+                forced = self._store.reject(key, record.version, interval=self._reject_interval)
+            # Not marked: a sibling marked it or stored a newer token meanwhile, or the key's
+            # last forced fetch is younger than reject_interval: then the token stays in use.
+            if not forced and _holds(self._read_for_reject(key), token, refused=False):
+                return False
+        self._drop(key, token, began)
+        if forced:
+            _log.warning(
+                "[shared:%s] a server refused the token; the next call fetches a new one "
+                "(at most one forced fetch per %gs)",
+                _printable(key),
+                self._reject_interval,
+            )
+            self._notify("reject", 1.0, {})
+        return forced
+
+    def _read_for_reject(self, key: str) -> Record | None:
+        with self._store_errors("read"):
+            return self._store.read(key)
+
+    def _drop(self, key: str, token: str, began: float) -> None:
+        """Forget a refused token in this process: cached, or on its way from a flight."""
+        with self._lock:
+            self._rejected[key] = token  # a flight that read it before the mark does not cache it
+            if _holds(self._cache.get(key), token):
+                del self._cache[key]
+            flight = self._flights.get(key)
+            if flight is not None and flight.started <= began:
+                del self._flights[key]  # calls from now on start a fetch of their own
 
     def _notify(self, kind: str, value: float, attributes: dict[str, str]) -> None:
         for observe in self._observers:
@@ -328,7 +425,7 @@ class SharedToken:
     def _usable(self, record: Record) -> bool:
         """Whether the record's token may be handed out now instead of fetching."""
         grant = record.grant
-        if grant is None:
+        if grant is None or record.refused:
             return False
         now = time.time()
         expiry = grant.expires_at
@@ -378,7 +475,8 @@ class SharedToken:
             if record is not None:
                 flight.grant = record.grant
                 flight.fetched = "fetch" if fetched else _served_by(record.writer)
-                self._cache[flight.key] = record
+                if not _holds(record, self._rejected.get(flight.key, ""), refused=False):
+                    self._cache[flight.key] = record
             if isinstance(error, RateLimited):
                 self._held[flight.key] = _stores._monotonic() + error.retry_after
             if error is not None:
@@ -396,6 +494,9 @@ class SharedToken:
         self._flights = {k: f for k, f in self._flights.items() if self._joinable(f, now)}
         now_held = _stores._monotonic()
         self._held = {k: until for k, until in self._held.items() if until > now_held}
+        self._rejected = {
+            k: t for k, t in self._rejected.items() if k in self._cache or k in self._flights
+        }
         self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
 
     # -- through the store (on the flight's thread) ------------------------------
@@ -450,17 +551,7 @@ class SharedToken:
     def _fetch_and_store(self, flight: _Flight, record: Record | None) -> None:
         """Fetch under the lease, deliver the token, then store it (a failed write loses none)."""
         key, store = flight.key, self._store
-        with self._lock:
-            ours = self._cache.get(key)
-        stored = 0 if record is None else record.version  # what the write compares against
-        if ours is not None and (
-            record is None or record.grant is None or ours.version > record.version
-        ):
-            record = ours  # the store lost our last write, or never took it: keep its refresh token
-        previous = None if record is None else record.grant
-        # Versions only grow, even after the store forgot them (a restart, a flush, a deleted
-        # file): a process that still caches an older version must never prefer it.
-        version = max(stored, 0 if ours is None else ours.version) + 1
+        previous, stored, version = self._basis(key, record)
         began = time.monotonic()
         try:
             result: object = self._fetch(previous) if self._rotating else self._fetch()
@@ -482,20 +573,41 @@ class SharedToken:
         except BaseException as error:
             self._fetched(began, type(error).__name__)
             raise
-        if result is None or result == "":
-            self._fetched(began, "no_token")
+        grant = self._grant(result, began)
+        if grant is None:
             self._finish(flight)
             return
+        fresh = Record(grant, version, time.time(), writer=_this_process())
+        _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(grant.access_token))
+        self._finish(flight, fresh, fetched=True)  # first the callers, then the store
+        self._write(key, fresh, stored)
+
+    def _basis(self, key: str, record: Record | None) -> tuple[Grant | None, int, int]:
+        """What a fetch starts from: the previous grant, the version read and the one to write."""
+        with self._lock:
+            ours = self._cache.get(key)
+        stored = 0 if record is None else record.version  # what the write compares against
+        if ours is not None and (
+            record is None or record.grant is None or ours.version > record.version
+        ):
+            record = ours  # the store lost our last write, or never took it: keep its refresh token
+        # Versions only grow, even after the store forgot them (a restart, a flush, a deleted
+        # file): a process that still caches an older version must never prefer it.
+        version = max(stored, 0 if ours is None else ours.version) + 1
+        return (None if record is None else record.grant), stored, version
+
+    def _grant(self, result: object, began: float) -> Grant | None:
+        """The fetch's result as a Grant (None: no token), its outcome reported."""
+        if result is None or result == "":
+            self._fetched(began, "no_token")
+            return None
         if isinstance(result, str):
             result = Grant(result)
         elif not isinstance(result, Grant):
             self._fetched(began, type(result).__name__)
             raise TypeError(f"fetch returned {type(result).__name__}, not a str, Grant or None")
         self._fetched(began, None)
-        fresh = Record(result, version, time.time(), writer=_this_process())
-        _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(result.access_token))
-        self._finish(flight, fresh, fetched=True)  # first the callers, then the store
-        self._write(key, fresh, stored)
+        return result
 
     def _write(self, key: str, fresh: Record, stored: int) -> None:
         """Store a delivered record if the store still holds the version read before the fetch."""
