@@ -589,6 +589,23 @@ class TestStoreTime:
         client.set(store._name("j", ":hold"), "1")  # without an expiry: not one of ours
         assert store.read("j") is None
 
+    def test_a_write_ends_a_hold_back_whatever_its_blocked_until(
+        self, make_store: Callable[[], Store]
+    ) -> None:
+        """Store.write stores no hold-back of its own: only hold_back() makes one."""
+        store = make_store()
+        assert store.write("k", Record(Grant("t"), 1, 1.0, blocked_until=time.time() + 60))
+        assert store.read("k") == Record(Grant("t"), 1, 1.0)
+
+    def test_a_redis_client_without_a_socket_timeout_is_warned_about(
+        self, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """RedisStore says when its client could wait for ever on a frozen server."""
+        RedisStore(redis_server.client())
+        assert "socket_timeout" not in caplog.text
+        RedisStore(redis_server.client(socket_timeout=None))
+        assert "socket_timeout=None" in caplog.text
+
     def test_a_file_hold_back_from_another_boot_is_over(self, tmp_path: Path) -> None:
         """A FileStore hold-back whose deadline is further away than its length is over."""
         store = FileStore(tmp_path)

@@ -97,6 +97,24 @@ class TestOneFetch:
         assert results[0] is not None
         assert results[0].startswith("token-from-")
 
+    @pytest.mark.timeout(40)
+    def test_processes_on_redis_rejecting_one_token_make_one_fetch(
+        self, redis_server: RedisServer, tmp_path: Path
+    ) -> None:
+        """8 processes x 2 threads through a real Redis see one token refused: one new fetch."""
+        count = tmp_path / "fetches"
+        RedisStore(redis_server.client()).write(
+            "k", Record(Grant("refused", expires_at=FOREVER), 1, START)
+        )
+        spec = {"store": "redis", "path": str(redis_server.socket), "key": "k", "mode": "storm"}
+        results = run_storm(
+            {**spec, "threads": 2, "count": str(count), "refused": "refused"}, processes=8
+        )
+        assert len(count.read_text().splitlines()) == 1
+        assert len(results) == 16
+        assert len(set(results)) == 1
+        assert "refused" not in results
+
     def test_another_process_that_saw_the_old_token_refused_takes_the_new_one(
         self, make_store: Callable[[], Store]
     ) -> None:

@@ -258,7 +258,8 @@ class Store(Protocol):
         """Store ``record`` if the key's version is ``expect``; False if not.
 
         ``expect`` is the version the writer read (0 when there was no readable
-        record); None means ``record.version - 1``. A successful write ends any hold-back.
+        record); None means ``record.version - 1``. A successful write ends any
+        hold-back (``record.blocked_until`` is not stored; see :meth:`hold_back`).
         """
         ...
 
@@ -526,7 +527,7 @@ class FileStore:
             current = self.read(key)
             if (0 if current is None else current.version) != _expected(record, expect):
                 return False
-            self._store(key, record)
+            self._store(key, replace(record, blocked_until=0.0))  # a write ends a hold-back
             with contextlib.suppress(OSError):  # a 0.2 record must not come back
                 os.unlink(self._legacy(key))
             return True
@@ -679,6 +680,12 @@ class RedisStore:
             raise ImportError('RedisStore needs: pip install "token_refresh[redis]"') from error
         self._client, self._prefix = client, prefix
         self._redis_error, self._refused = redis.RedisError, redis.exceptions.NoPermissionError
+        pool = getattr(client, "connection_pool", None)  # a RedisCluster has none of its own
+        if getattr(pool, "connection_kwargs", {}).get("socket_timeout", 0) is None:
+            _log.warning(
+                "RedisStore: the Redis client has socket_timeout=None, so a frozen server "
+                "holds a store write (and its lease) for ever; give it a timeout"
+            )
         self._release = client.register_script(_RELEASE)
         self._write = client.register_script(_WRITE)
         self._reject = client.register_script(_REJECT)
