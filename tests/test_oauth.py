@@ -125,7 +125,7 @@ class TestClientAuthentication:
         assert seen.form["client_secret"] == [SECRET]
 
     def test_auto_learns_post_once_and_remembers(self, server: StrictTokenServer) -> None:
-        """ "auto" tries Basic; on a 401 invalid_client, the form once, and then always."""
+        """With "auto": Basic; on a 401 invalid_client, the form once, and from then on."""
         fetch = ClientCredentials(server.token_url, "post-client", SECRET, client_auth="auto")
         assert fetch.client_auth == "auto"
 
