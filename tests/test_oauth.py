@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
-from strict_oauth import JWT_BEARER, TOKEN_EXCHANGE, Answer, Client, StrictTokenServer, answer
 
 import token_refresh
 from token_refresh import oauth
@@ -43,6 +43,7 @@ from token_refresh.oauth import (
 from token_refresh.shared import FileStore, Grant, InvalidGrant, RateLimited, SharedToken
 
 from conftest import MockOAuthServer, ReraisingThread
+from strict_oauth import JWT_BEARER, TOKEN_EXCHANGE, Answer, Client, StrictTokenServer, answer
 
 #: A client secret with every character that URL and Basic encodings treat specially.
 SECRET = "s3cr+t/=:%x ?#[]@!$&'()*,;~"
@@ -784,13 +785,13 @@ class TestErrors:
             ),
         ]
         for token, grant in grants:
-            echo = f"got {SECRET} and {token}"
+            echo = f"got {SECRET}, {quote_plus(SECRET)} and {token}"
             server.queue(answer(400, {"error": "invalid_request", "error_description": echo}))
             with pytest.raises(OAuthError) as error_info:
                 grant()
             error = error_info.value
             shown = f"{error} {error.args} {error.description} {error!r}"
-            secret_free(shown, SECRET, token)
+            secret_free(shown, SECRET, quote_plus(SECRET), token)
             assert "[redacted]" in shown
             assert error.__cause__ is None
 

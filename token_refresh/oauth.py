@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -48,7 +49,7 @@ TIMEOUT = 10.0
 MAX_RESPONSE = 1 << 20
 #: The longest ``Retry-After`` honoured, in seconds: a server's typo must not stop a fleet for days.
 MAX_RETRY_AFTER = 3600.0
-USER_AGENT = f"token_refresh/{__version__} (+https://pypi.org/project/token_refresh/)"
+USER_AGENT = f"token_refresh/{__version__} Python/{sys.version_info[0]}.{sys.version_info[1]}"
 
 _ERROR_CHARS = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749's charset for error codes
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -240,7 +241,8 @@ def _exchange(
     try:
         connection = _connect(parts, deadline, context)
         connection.request("GET" if body is None else "POST", target, body, all_headers)
-        return _read(connection.getresponse())
+        with connection.getresponse() as response:
+            return _read(response)
     except _TooLarge:
         raise OAuthError(f"{_shown(url)} answered more than {MAX_RESPONSE} bytes") from None
     except TimeoutError:
@@ -298,8 +300,9 @@ def _safe(text: object, secrets: Iterable[str], limit: int = 300) -> str | None:
     if not isinstance(text, str) or not _ERROR_CHARS.fullmatch(text):
         return None
     for secret in secrets:
-        if len(secret) >= 4:
-            text = text.replace(secret, "[redacted]")
+        if len(secret) >= 4:  # as sent, and as the form (or Basic) encoded it
+            for sent in (secret, urllib.parse.quote_plus(secret)):
+                text = text.replace(sent, "[redacted]")
     return text if len(text) <= limit else text[:limit] + "..."
 
 
