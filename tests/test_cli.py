@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from token_refresh.cli._inspect import Inspection
 from token_refresh.oauth import ClientCredentials
 
 from conftest import START, HungUp, MockOAuthServer, b64url, make_jwt
+from strict_oauth import Answer, answer
 
 pytestmark = pytest.mark.usefixtures("sub_second_delays")  # the demos run on shrunk delays
 
@@ -536,23 +537,6 @@ class TestDemoCommandLine:
 
 
 # -- the OAuth2 client, against a stand-in server in this process ------------------------------
-
-Answer = Callable[[BaseHTTPRequestHandler], None]
-
-
-def answer(status: int, body: object, **headers: str) -> Answer:
-    """An HTTP answer: a JSON body, or raw bytes."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def send(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    return send
 
 
 class FakeIssuer:
