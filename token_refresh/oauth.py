@@ -216,6 +216,7 @@ def _connect(
         except BaseException:
             sock.close()
             raise
+        # Only for its Host header (no port for 443): the socket is connected already.
         connection = http.client.HTTPSConnection(host, parts.port, context=context)
     connection.sock = cast(socket.socket, _DeadlineSocket(sock, deadline))
     return connection
