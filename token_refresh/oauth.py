@@ -562,7 +562,7 @@ def _extend(form: dict[str, str | list[str]], **values: str | Iterable[str] | No
 
 
 class ClientCredentials(_TokenRequest):
-    """The client_credentials grant (RFC 6749, 4.4): a service's own token. Call it: a Grant."""
+    """The client_credentials grant (RFC 6749, 4.4): a service's own token."""
 
     _grant_type = "client_credentials"
 
@@ -592,6 +592,7 @@ class ClientCredentials(_TokenRequest):
         _extend(self._form, audience=audience, resource=resource)
 
     def __call__(self) -> Grant:
+        """One token request: its Grant; RateLimited, InvalidGrant or OAuthError if it fails."""
         return self._grant(self._form, [])
 
 
@@ -636,6 +637,7 @@ class RefreshTokenGrant(_TokenRequest):
         self._refresh_token = _text(refresh_token, "refresh_token")
 
     def __call__(self, previous: Grant | None = None) -> Grant:
+        """Spend ``previous``'s refresh token (or the first one); the new Grant."""
         spent = self._refresh_token
         if previous is not None and previous.refresh_token:
             spent = previous.refresh_token
@@ -710,6 +712,7 @@ class TokenExchange(_TokenRequest):
         )
 
     def __call__(self) -> Grant:
+        """Read the subject (and actor) token, exchange it; the Grant."""
         subject = _read_token(self._subject, "subject_token")
         form = {**self._form, "subject_token": subject}
         secrets = [subject]
@@ -753,6 +756,7 @@ class JwtBearer(_TokenRequest):
         self._assertion = _token_source(assertion, "assertion")
 
     def __call__(self) -> Grant:
+        """Make or read the assertion, present it; the Grant."""
         assertion = _read_token(self._assertion, "assertion", self.token_endpoint)
         return self._grant({"assertion": assertion}, [assertion])
 
