@@ -253,6 +253,7 @@ class TestConfiguration:
         assert "hunter2" not in str(error_info.value)
 
     def test_url_must_be_a_str(self) -> None:
+        """A token endpoint that is not a str is a TypeError."""
         with pytest.raises(TypeError, match="token_endpoint must be a str"):
             ClientCredentials(b"https://a/t", "c")  # type: ignore[arg-type]
 
@@ -284,10 +285,12 @@ class TestConfiguration:
             RefreshTokenGrant("https://a.example/t", "c", "s", refresh_token="r", client_auth=auto)
 
     def test_refresh_token_is_required(self) -> None:
+        """RefreshTokenGrant needs a first refresh token."""
         with pytest.raises(TypeError, match="refresh_token must be a non-empty str"):
             RefreshTokenGrant("https://a.example/t", "c", refresh_token="")
 
     def test_a_secret_needs_a_client_id(self) -> None:
+        """A client_secret without its client_id is a ValueError."""
         with pytest.raises(ValueError, match="a client_secret needs its client_id"):
             JwtBearer("https://a.example/t", assertion="a", client_secret="s")
 
@@ -298,6 +301,7 @@ class TestConfiguration:
             TokenExchange("https://a.example/t", subject_token=token, subject_token_type=JWT_TYPE)  # type: ignore[arg-type]
 
     def test_actor_token_needs_its_type(self) -> None:
+        """An actor_token without actor_token_type is refused (RFC 8693, 2.1)."""
         with pytest.raises(ValueError, match="actor_token and actor_token_type go together"):
             TokenExchange(
                 "https://a.example/t",
@@ -423,6 +427,7 @@ class TestRefreshTokenGrant:
         assert grant == Grant("at", refresh_token="rt-keep")
 
     def test_no_access_token(self, server: StrictTokenServer) -> None:
+        """A refresh answer without an access_token is an OAuthError."""
         server.queue(answer(200, {"refresh_token": "x"}))
         fetch = RefreshTokenGrant(server.token_url, "public-client", refresh_token="r")
 
@@ -504,6 +509,7 @@ class TestTokenExchange:
         assert [seen.form["subject_token"] for seen in server.seen] == [["st-old"], ["st-new"]]
 
     def test_an_empty_file_is_an_error(self, server: StrictTokenServer, tmp_path: Path) -> None:
+        """An empty subject token file is a ValueError, and nothing is sent."""
         path = tmp_path / "token"
         path.write_text("\n")
         fetch = TokenExchange(server.token_url, subject_token=path, subject_token_type=JWT_TYPE)
@@ -531,6 +537,7 @@ class TestTokenExchange:
         assert form["actor_token_type"] == [JWT_TYPE]
 
     def test_a_callable_returning_nothing(self, server: StrictTokenServer) -> None:
+        """A subject_token callable that returns no token is a TypeError."""
         fetch = TokenExchange(
             server.token_url, subject_token=lambda: "", subject_token_type=JWT_TYPE
         )
@@ -573,6 +580,7 @@ class TestJwtBearer:
     def test_assertion_from_a_file_with_a_client(
         self, server: StrictTokenServer, tmp_path: Path
     ) -> None:
+        """An assertion file is read per request; a client authenticates too."""
         (tmp_path / "a").write_text("jwt-file\n")
         server.assertions.add("jwt-file")
         fetch = JwtBearer(
@@ -588,6 +596,7 @@ class TestJwtBearer:
         assert form_of(server)["assertion"] == ["jwt-file"]
 
     def test_a_refused_assertion(self, server: StrictTokenServer) -> None:
+        """An assertion the server refuses is InvalidGrant, without the assertion."""
         with pytest.raises(InvalidGrant) as error_info:
             JwtBearer(server.token_url, assertion="eyJhbGciOi.refused")()
 
@@ -750,6 +759,8 @@ class TestErrors:
         assert error_info.value.status is None
 
     def test_a_hang_up(self, server: StrictTokenServer) -> None:
+        """A server that closes without answering: an OAuthError."""
+
         def hang_up(handler: BaseHTTPRequestHandler) -> None:
             handler.close_connection = True
 
@@ -757,6 +768,7 @@ class TestErrors:
             self.fetch(server, hang_up)
 
     def test_a_url_http_client_cannot_send(self) -> None:
+        """A URL http.client refuses (not ASCII) is an OAuthError too."""
         with pytest.raises(OAuthError, match=re.escape("no answer from http://127.0.0.1:9/t")):
             ClientCredentials("http://127.0.0.1:9/t\u00f6ken", "c")()
 
@@ -935,6 +947,7 @@ class TestDiscover:
         ]
 
     def test_no_metadata_at_all(self, server: StrictTokenServer) -> None:
+        """An issuer with neither well-known document: an OAuthError naming it."""
         server.queue(answer(404, {}), answer(404, {}))
 
         with pytest.raises(OAuthError, match="publishes no OAuth metadata"):
@@ -965,6 +978,7 @@ class TestDiscover:
             discover(server.url)
 
     def test_metadata_error_status(self, server: StrictTokenServer) -> None:
+        """Metadata that answers an error is an OAuthError with the status."""
         server.queue(answer(500, {"error": "server_error"}))
 
         with pytest.raises(OAuthError, match=r"oauth-authorization-server answered HTTP 500"):
