@@ -30,17 +30,19 @@ def app(environ: dict[str, Any], start_response: Callable[..., object]) -> Itera
 
 def post_fork(server: object, worker: object) -> None:
     from token_refresh import Scheduler
-    from token_refresh.cli._oauth import fetch_token
+    from token_refresh.oauth import ClientCredentials
     from token_refresh.shared import FileStore, SharedToken
 
     url, count, directory = (
         os.environ[name] for name in ("BENCH_TOKEN_URL", "BENCH_COUNT", "BENCH_STORE")
     )
 
+    client = ClientCredentials(url, "bench", "bench-secret")
+
     def fetch() -> str:
         with open(count, "a", encoding="utf-8") as file:
             file.write(f"{os.getpid()}\n")
-        return fetch_token(url, client_id="bench", client_secret="bench-secret")[0]
+        return client().access_token
 
     # min_ttl between the refresh buffer (1 s) and the lifetime: a token a sibling
     # fetched a moment ago is reused, the one about to expire is not.

@@ -24,7 +24,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (
         "py:class",
-        r"(collections\.abc|datetime|random|types|typing|threading|os|redis|opentelemetry)\..*",
+        r"(collections\.abc|datetime|random|types|typing|threading|os|ssl|redis|opentelemetry)\..*",
     ),
     ("py:class", r"Callable|timedelta|TracebackType|Literal|Random"),
     # ManualClock.call_later's handle: all a caller may do with it is cancel().

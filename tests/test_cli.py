@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,10 @@ import token_refresh
 from token_refresh import _scheduler, format_duration
 from token_refresh.cli import _demo_issuer, main
 from token_refresh.cli._inspect import Inspection
-from token_refresh.cli._oauth import (
-    TokenRequestError,
-    check_url,
-    discover_token_endpoint,
-    fetch_token,
-)
+from token_refresh.oauth import ClientCredentials
 
 from conftest import START, HungUp, MockOAuthServer, b64url, make_jwt
+from strict_oauth import Answer, answer
 
 pytestmark = pytest.mark.usefixtures("sub_second_delays")  # the demos run on shrunk delays
 
@@ -464,6 +460,14 @@ class TestDemoCommandLine:
         [
             (["--issuer", "http://auth.example.com"], "must be an https:// URL"),
             (["--issuer", "ftp://127.0.0.1/"], "must be an https:// URL"),
+            (
+                ["--issuer", "https://me:hunter2@auth.example.com"],
+                "must not hold a user name or password",
+            ),
+            (
+                ["--issuer", "https://auth.example.com/?secret=hunter2"],
+                "must have no query or fragment",
+            ),
             (["--client-id", "me"], "--client-id need --issuer"),
             (["--client-secret", "s", "--refreshes", "2"], "--client-secret, --refreshes need"),
             (["--issuer", "https://auth.example.com", "--speed", "2"], "--speed is for the"),
@@ -481,6 +485,7 @@ class TestDemoCommandLine:
         assert exit_info.value.code == 2
         assert message in err
         assert "Traceback" not in err
+        assert "hunter2" not in err
 
     def test_unreachable_issuer_is_one_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         """An issuer that does not answer is one error line and exit status 1."""
@@ -493,7 +498,7 @@ class TestDemoCommandLine:
         assert status == 1
         assert_one_line_error(
             err,
-            f"no answer from http://127.0.0.1:{port}/.well-known/openid-configuration: "
+            f"no answer from http://127.0.0.1:{port}/.well-known/oauth-authorization-server: "
             "Connection refused",
         )
 
@@ -532,28 +537,6 @@ class TestDemoCommandLine:
 
 
 # -- the OAuth2 client, against a stand-in server in this process ------------------------------
-
-Answer = Callable[[BaseHTTPRequestHandler], None]
-
-
-def answer(status: int, body: object, **headers: str) -> Answer:
-    """An HTTP answer: a JSON body, or raw bytes."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def send(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
-            handler.send_header(name, value)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    return send
-
-
-def hang_up(handler: BaseHTTPRequestHandler) -> None:
-    """Close the connection without answering."""
-    handler.close_connection = True
 
 
 class FakeIssuer:
@@ -642,261 +625,6 @@ def issuer() -> Iterator[FakeIssuer]:
     fake = FakeIssuer()
     yield fake
     fake.close()
-
-
-class TestFetchToken:
-    def test_public_client_sends_its_id_in_the_form(self, issuer: FakeIssuer) -> None:
-        """Without a secret: grant_type and client_id in the form, no Authorization header."""
-        token, expires_in = fetch_token(f"{issuer.url}/token", client_id="me", timeout=5)
-
-        ((headers, form),) = issuer.token_requests()
-        assert (token, expires_in) == (issuer.issued[0], 1.0)
-        assert form == {"grant_type": ["client_credentials"], "client_id": ["me"]}
-        assert "Authorization" not in headers
-        assert headers["Content-Type"] == "application/x-www-form-urlencoded"
-
-    def test_confidential_client_uses_basic_auth(self, issuer: FakeIssuer) -> None:
-        """With a secret: HTTP Basic with the id and secret form-encoded (RFC 6749, 2.3.1)."""
-        fetch_token(f"{issuer.url}/token", client_id="me:1", client_secret="s e/cret", timeout=5)
-
-        ((headers, form),) = issuer.token_requests()
-        scheme, _, encoded = headers["Authorization"].partition(" ")
-        assert scheme == "Basic"
-        assert base64.b64decode(encoded) == b"me%3A1:s+e%2Fcret"
-        assert form == {"grant_type": ["client_credentials"]}
-
-    @pytest.mark.parametrize(
-        ("expires_in", "expected"),
-        [
-            (3600, 3600.0),
-            (0.5, 0.5),
-            ("120", 120.0),
-            ("soon", None),
-            ("1e999", None),
-            (10**400, None),
-            (True, None),
-            (-5, None),
-            (None, None),
-            ([60], None),
-        ],
-    )
-    def test_expires_in(self, issuer: FakeIssuer, expires_in: object, expected: object) -> None:
-        """expires_in is a positive number of seconds (quoted is fine); anything else is None."""
-        issuer.queue("/token", answer(200, {"access_token": "t", "expires_in": expires_in}))
-
-        assert fetch_token(f"{issuer.url}/token", client_id="me", timeout=5) == ("t", expected)
-
-    def test_missing_expires_in_is_none(self, issuer: FakeIssuer) -> None:
-        """A response without expires_in (it is only RECOMMENDED) gives None."""
-        issuer.queue("/token", answer(200, {"access_token": "t"}))
-
-        assert fetch_token(f"{issuer.url}/token", client_id="me", timeout=5) == ("t", None)
-
-    @pytest.mark.parametrize(
-        ("canned", "message", "status", "code"),
-        [
-            (answer(400, {"error": "invalid_grant"}), "400 (invalid_grant)", 400, "invalid_grant"),
-            (answer(500, b"<html>oops</html>"), "answered HTTP 500", 500, None),
-            (answer(401, {"error": "bad\"code"}), "answered HTTP 401", 401, None),
-            (answer(400, [1]), "answered HTTP 400", 400, None),
-            (answer(302, b"", Location="/elsewhere"), "answered HTTP 302", 302, None),
-            (answer(200, {"token_type": "Bearer"}), "response has no access_token", None, None),
-            (answer(200, {"access_token": 7}), "response has no access_token", None, None),
-            (answer(200, b"not json"), "did not answer a JSON object", None, None),
-            (answer(200, b"[" * 100_000), "did not answer a JSON object", None, None),
-            (answer(200, ["access_token"]), "did not answer a JSON object", None, None),
-            (hang_up, "no answer from", None, None),
-        ],
-    )  # fmt: skip
-    def test_failures_raise_token_request_error(
-        self,
-        issuer: FakeIssuer,
-        canned: Answer,
-        message: str,
-        status: int | None,
-        code: str | None,
-    ) -> None:
-        """Every kind of failed answer is a TokenRequestError with the status and error code."""
-        issuer.queue("/token", canned)
-
-        with pytest.raises(TokenRequestError, match=re.escape(message)) as error_info:
-            fetch_token(f"{issuer.url}/token", client_id="me", timeout=5)
-
-        assert (error_info.value.status, error_info.value.error) == (status, code)
-        assert isinstance(error_info.value, OSError)
-
-    def test_redirects_are_not_followed(self, issuer: FakeIssuer) -> None:
-        """A redirect is an error: the client's credentials never follow it elsewhere."""
-        issuer.queue("/token", answer(307, b"", Location=f"{issuer.url}/elsewhere"))
-
-        with pytest.raises(TokenRequestError, match="HTTP 307"):
-            fetch_token(f"{issuer.url}/token", client_id="me", client_secret="s", timeout=5)
-
-        assert [path for _, path, _, _ in issuer.requests] == ["/token"]
-
-    def test_timeout(self, issuer: FakeIssuer) -> None:
-        """A server that does not answer in time is a TokenRequestError, not a hang."""
-        release = threading.Event()
-
-        def stall(handler: BaseHTTPRequestHandler) -> None:
-            release.wait(10)
-            hang_up(handler)
-
-        issuer.queue("/token", stall)
-        try:
-            with pytest.raises(TokenRequestError, match=r"no answer from .*: timed out"):
-                fetch_token(f"{issuer.url}/token", client_id="me", timeout=0.2)
-        finally:
-            release.set()
-
-    def test_url_http_client_cannot_send(self) -> None:
-        """A URL that http.client refuses (not ASCII) is a TokenRequestError too."""
-        with pytest.raises(
-            TokenRequestError, match=re.escape("no answer from http://127.0.0.1:9/t")
-        ):
-            fetch_token("http://127.0.0.1:9/t\u00f6ken", client_id="me", timeout=5)
-
-    def test_messages_hide_credentials_in_the_url(self, issuer: FakeIssuer) -> None:
-        """A user:password@ or a query in the URL never reaches an error message."""
-        issuer.queue("/token", answer(500, {}))
-        url = f"{issuer.url}/token?key=hunter2".replace("//", "//me:hunter2@", 1)
-
-        with pytest.raises(TokenRequestError) as error_info:
-            fetch_token(url, client_id="me", timeout=5)
-
-        assert "hunter2" not in str(error_info.value)
-
-
-class TestDiscovery:
-    def test_openid_configuration(self, issuer: FakeIssuer) -> None:
-        """The token endpoint comes from the issuer's OpenID Connect metadata."""
-        assert discover_token_endpoint(issuer.url, timeout=5) == f"{issuer.url}/token"
-
-    def test_falls_back_to_rfc_8414(self, issuer: FakeIssuer) -> None:
-        """Without OpenID metadata, RFC 8414's well-known URL (path after it) is tried."""
-        issuer.queue("/realm/.well-known/openid-configuration", answer(404, {}))
-        issuer.queue(
-            "/.well-known/oauth-authorization-server/realm",
-            answer(
-                200,
-                {"issuer": f"{issuer.url}/realm", "token_endpoint": "https://auth.example.com/t"},
-            ),
-        )
-
-        endpoint = discover_token_endpoint(f"{issuer.url}/realm", timeout=5)
-
-        assert endpoint == "https://auth.example.com/t"
-
-    @pytest.mark.parametrize(
-        ("metadata", "message"),
-        [
-            (None, "openid-configuration answered HTTP 500"),
-            ({}, "openid-configuration names no token_endpoint"),
-            ({"token_endpoint": "http://auth.example.com/t"}, "must be an https"),
-        ],
-    )
-    def test_unusable_metadata(
-        self, issuer: FakeIssuer, metadata: dict[str, str] | None, message: str
-    ) -> None:
-        """Metadata that fails, names no token endpoint, or an insecure one, is an error."""
-        canned = (
-            answer(500, {}) if metadata is None else answer(200, {"issuer": issuer.url, **metadata})
-        )
-        issuer.queue("/.well-known/openid-configuration", canned)
-
-        with pytest.raises(TokenRequestError, match=message):
-            discover_token_endpoint(issuer.url, timeout=5)
-
-    @pytest.mark.parametrize(
-        ("given", "message"),
-        [
-            ("http://localhost:{port}", "names the issuer 'http://127.0.0.1:{port}', not "
-             "'http://localhost:{port}': metadata for another issuer is not used (RFC 8414, 3.3)"),
-            ("http://127.0.0.1:{port}/", "names the issuer 'http://127.0.0.1:{port}', not "
-             "'http://127.0.0.1:{port}/'"),
-        ],
-    )  # fmt: skip
-    def test_metadata_of_another_issuer_is_refused(
-        self, issuer: FakeIssuer, given: str, message: str
-    ) -> None:
-        """The metadata's issuer must be the URL given, character for character (RFC 8414, 3.3)."""
-        port = urllib.parse.urlsplit(issuer.url).port
-
-        with pytest.raises(TokenRequestError, match=re.escape(message.format(port=port))):
-            discover_token_endpoint(given.format(port=port), timeout=5)
-
-        assert [path for _, path, _, _ in issuer.requests] == ["/.well-known/openid-configuration"]
-
-    @pytest.mark.parametrize(
-        ("named", "message"),
-        [
-            (None, "openid-configuration names no issuer"),
-            (["x"], "openid-configuration names no issuer"),
-            ("https://" + "a" * 300, "openid-configuration names the issuer another issuer, not"),
-        ],
-    )
-    def test_metadata_without_the_issuer_is_refused(
-        self, issuer: FakeIssuer, named: object, message: str
-    ) -> None:
-        """Metadata without an issuer, or with a long one (not quoted), is not used."""
-        metadata = {"token_endpoint": f"{issuer.url}/token"}
-        issuer.queue(
-            "/.well-known/openid-configuration", answer(200, {"issuer": named, **metadata})
-        )
-
-        with pytest.raises(TokenRequestError, match=re.escape(message)):
-            discover_token_endpoint(issuer.url, timeout=5)
-
-    def test_rfc_8414_metadata_is_checked_too(self, issuer: FakeIssuer) -> None:
-        """RFC 8414 metadata for another issuer is refused as well."""
-        issuer.queue("/realm/.well-known/openid-configuration", answer(404, {}))
-        issuer.queue(
-            "/.well-known/oauth-authorization-server/realm",
-            answer(200, {"issuer": issuer.url, "token_endpoint": f"{issuer.url}/token"}),
-        )
-
-        with pytest.raises(TokenRequestError, match="oauth-authorization-server/realm names the"):
-            discover_token_endpoint(f"{issuer.url}/realm", timeout=5)
-
-    def test_no_metadata_at_all(self, issuer: FakeIssuer) -> None:
-        """An issuer with neither well-known document is an error naming it."""
-        issuer.queue("/.well-known/openid-configuration", answer(404, {}))
-
-        with pytest.raises(TokenRequestError, match="publishes no OAuth metadata"):
-            discover_token_endpoint(issuer.url, timeout=5)
-
-    @pytest.mark.parametrize(
-        "url",
-        ["https://auth.example.com", "http://localhost:8080/x", "http://127.0.0.2", "http://[::1]"],
-    )
-    def test_secure_or_loopback_urls_pass(self, url: str) -> None:
-        """https anywhere, and plain http to this machine, are accepted."""
-        assert check_url(url, "the issuer") == url
-
-    @pytest.mark.parametrize(
-        "url",
-        [
-            "http://auth.example.com",
-            "http://10.0.0.1",
-            "ftp://localhost",
-            "https://",
-            "x",
-            "http://127.0.0.1:99999",
-            "https://auth.example.com:https",
-            "http://[::1",
-        ],
-    )
-    def test_other_urls_are_refused(self, url: str) -> None:
-        """Plain http beyond loopback, other schemes and host-less URLs raise ValueError."""
-        with pytest.raises(ValueError, match="must be an https:// URL"):
-            check_url(url, "the issuer")
-
-    def test_refusal_hides_the_password(self) -> None:
-        """A refused URL is not quoted: it may hold a password."""
-        with pytest.raises(ValueError, match="must be an https") as error_info:
-            check_url("http://me:hunter2@auth.example.com/", "the issuer")
-
-        assert "hunter2" not in str(error_info.value)
 
 
 # -- demo --issuer ---------------------------------------------------------------------------
@@ -1275,7 +1003,7 @@ class TestIssuerDemoEndToEnd:
         self, oauth_server: MockOAuthServer, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """``inspect`` reads a token the real server signed, and never prints its signature."""
-        token, _ = fetch_token(oauth_server.token_url, client_id="e2e", timeout=5)
+        token = ClientCredentials(oauth_server.token_url, "e2e", timeout=5)().access_token
 
         status, out, err = run(["inspect", "--buffer", "1"], capsys, stdin=token)
 

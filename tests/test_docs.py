@@ -59,7 +59,7 @@ from typing import IO, Any
 import pytest
 
 import token_refresh
-from token_refresh import events, shared, testing
+from token_refresh import events, oauth, shared, testing
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -419,12 +419,13 @@ class TestSphinxBuild:
     """docs/ builds with warnings as errors, and the reference covers every public name."""
 
     def test_every_public_name_has_a_reference_entry(self, built_docs: Path) -> None:
-        """Each name in the package's, events', testing's and shared's __all__ is documented."""
+        """Each name in the package's, events', testing's, shared's and oauth's __all__ is there."""
         html = (built_docs / "reference.html").read_text(encoding="utf-8")
         names = [f"token_refresh.{n}" for n in token_refresh.__all__ if n != "events"]
         names += [f"token_refresh.events.{n}" for n in events.__all__]
         names += [f"token_refresh.testing.{n}" for n in testing.__all__]
         names += [f"token_refresh.shared.{n}" for n in shared.__all__]
+        names += [f"token_refresh.oauth.{n}" for n in oauth.__all__]
         _require("opentelemetry (the test extra)", "opentelemetry.sdk")
         from token_refresh import otel
 

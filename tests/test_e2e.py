@@ -2,7 +2,7 @@
 
 The server is oauth2-mock-server (npm, not written here), run by tests/e2e/server.mjs on
 127.0.0.1 with tokens that live 3 seconds and faults on demand. get_access_token is the
-package's own client_credentials client, token_refresh.cli._oauth.fetch_token.
+package's own client_credentials client, token_refresh.oauth.ClientCredentials.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from token_refresh import Scheduler, decode_jwt_expiry, decode_jwt_payload, events
-from token_refresh.cli._oauth import TokenRequestError, discover_token_endpoint, fetch_token
+from token_refresh.oauth import ClientCredentials, OAuthError, discover
+from token_refresh.shared import InvalidGrant
 
 from conftest import MockOAuthServer, require_mock_server
 
@@ -48,7 +49,8 @@ class Client:
         self.server = server
         self.issued: list[str] = []  # every token the server handed out
         self.expires_in: dict[str, float | None] = {}  # by token
-        self.errors: list[TokenRequestError] = []
+        self.errors: list[OAuthError | InvalidGrant] = []
+        self.fetch = ClientCredentials(server.token_url, "e2e", timeout=5)
         self.deliveries: dict[str, list[tuple[float, str]]] = {}  # session -> (when, token)
         self.events: list[events.Event] = []
         self.changed = threading.Condition()
@@ -56,16 +58,22 @@ class Client:
         self.on_failure: Callable[[], None] = lambda: None  # runs before the failure is raised
 
     def get_access_token(self) -> str:
+        asked = time.time()
         try:
-            token, expires_in = fetch_token(self.server.token_url, client_id="e2e", timeout=5)
-        except TokenRequestError as error:
+            grant = self.fetch()
+        except (OAuthError, InvalidGrant) as error:
             with self.changed:
                 self.errors.append(error)
             self.on_failure()
             raise
+        token = grant.access_token
         with self.changed:
             self.issued.append(token)
-            self.expires_in[token] = expires_in
+            # The response's expires_in: Grant.expires_at counts it from when the request was
+            # sent, a few microseconds after this call began.
+            self.expires_in[token] = (
+                None if grant.expires_at is None else round(grant.expires_at - asked, 1)
+            )
         return token
 
     def on_refresh(self, session_id: str, token: str) -> None:
@@ -137,12 +145,16 @@ def assert_fresh_throughout(
 class TestTheServer:
     def test_discovery_and_token_response(self, oauth_server: MockOAuthServer) -> None:
         """The issuer's metadata names its token endpoint, whose JWTs carry its iss and exp."""
-        token_url = discover_token_endpoint(oauth_server.issuer, timeout=5)
-        token, expires_in = fetch_token(token_url, client_id="e2e", timeout=5)
+        token_url = discover(oauth_server.issuer, timeout=5).token_endpoint
+        before = time.time()
+        grant = ClientCredentials(token_url, "e2e", timeout=5)()
+        after = time.time()
 
+        token = grant.access_token
         payload = decode_jwt_payload(token)
         assert token_url == oauth_server.token_url
-        assert expires_in == 3
+        assert grant.expires_at is not None
+        assert before + 3 <= grant.expires_at <= after + 3
         assert isinstance(payload, dict)
         assert payload["iss"] == oauth_server.issuer
         assert payload["exp"] == payload["iat"] + 3
@@ -199,8 +211,11 @@ class TestStaysFresh:
 
 class TestFaults:
     @pytest.mark.parametrize(
-        ("fault", "count", "status", "code"),
-        [("http500", 2, 500, "server_error"), ("invalid_grant", 1, 400, "invalid_grant")],
+        ("fault", "count", "error_type", "message"),
+        [
+            ("http500", 2, "OAuthError", "answered HTTP 500 (server_error)"),
+            ("invalid_grant", 1, "InvalidGrant", "answered HTTP 400 (invalid_grant: injected"),
+        ],
     )
     def test_failures_are_retried_and_the_session_recovers(
         self,
@@ -209,8 +224,8 @@ class TestFaults:
         oauth_server: MockOAuthServer,
         fault: str,
         count: int,
-        status: int,
-        code: str,
+        error_type: str,
+        message: str,
     ) -> None:
         """The server failing fewer than 3 times in a row costs retries, not the session."""
         first = client.get_access_token()
@@ -224,9 +239,10 @@ class TestFaults:
             kind for attempt in failed for kind in ("RefreshStarted", attempt, "Scheduled")
         ]
         assert client.kinds("s")[: len(expected) + 2] == [*expected, "RefreshStarted", "Refreshed"]
-        assert [(e.status, e.error) for e in client.errors] == [(status, code)] * count
+        assert [type(e).__name__ for e in client.errors] == [error_type] * count
+        assert all(message in str(e) for e in client.errors), client.errors
         failures = [e for e in client.events if isinstance(e, events.RefreshFailed)]
-        assert {e.error_type for e in failures} == {"TokenRequestError"}
+        assert {e.error_type for e in failures} == {error_type}
         assert_fresh_throughout(first, client.deliveries["s"][:1])
 
     def test_server_restarted_on_the_same_port(self, sub_second_delays: None) -> None:
@@ -267,6 +283,7 @@ class TestFaults:
         assert oauth_server.port == port
         ((_, token),) = client.deliveries["s"]
         (error,) = client.errors
+        assert isinstance(error, OAuthError)
         assert error.status is None
         assert str(error).startswith(f"no answer from {oauth_server.token_url}: ")
         assert header(token)["kid"] != header(first)["kid"]  # a new server: new signing keys
@@ -298,10 +315,8 @@ class TestFaults:
         assert len(client.errors) == 3
         messages = [record.getMessage() for record in caplog.records]
         assert "[e2e:token] Giving up on sessionId=s after 3 consecutive failures" in messages
-        assert (
-            messages.count("[e2e:token] get_access_token raised TokenRequestError for sessionId=s")
-            == 3
-        )
+        raised = "InvalidGrant" if outage == "invalid_grant" else "OAuthError"
+        assert messages.count(f"[e2e:token] get_access_token raised {raised} for sessionId=s") == 3
         for token in client.issued:
             for segment in token.split("."):
                 assert segment not in caplog.text

@@ -15,6 +15,10 @@ uWSGI, whose C fork() runs no Python at-fork hook, with nothing but the
 scheduler's pid check, with the ``@postfork`` hook, and with
 ``--py-call-uwsgi-fork-hooks``; and one of each with the heap timer backend.
 
+One more test runs four gunicorn workers (``tests/prefork/oauth_app.py``) that
+share one rotating ``RefreshTokenGrant`` through ``FileStore`` against the strict
+token server of tests/strict_oauth.py: 50 rotations, no refresh token spent twice.
+
 They need the ``prefork`` extra (Flask, gunicorn, uWSGI; uWSGI builds from
 source). Without it these tests skip with the reason, except when ``CI=true``:
 then a missing server is a failure, so CI cannot pass without running them.
@@ -391,3 +395,68 @@ def test_uwsgi_prefork_workers_refresh_only_their_own_sessions(
         for status in statuses.values():
             assert status["uwsgi_postfork_ran"] is postfork, f"{statuses}{server.context()}"
         _stop(server, list(statuses))
+
+
+# -- one rotating refresh token, four gunicorn workers -------------------------------------
+
+ROTATIONS = 50
+ROTATION_WORKERS = 4
+ROTATION_CLIENTS = 8  # concurrent requests, so that every worker takes some
+
+
+def _rotate_once(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10.0) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+    except (OSError, ValueError):
+        return None  # not up yet
+
+
+def test_gunicorn_workers_share_one_rotating_refresh_token(tmp_path: Path) -> None:
+    """4 gunicorn workers, one RefreshTokenGrant through FileStore: 50 rotations, none refused.
+
+    The token server refuses a refresh token presented twice (invalid_grant) and
+    records each one presented: none may show twice.
+    """
+    _require("gunicorn", _has_module("gunicorn"))
+    from strict_oauth import Client, StrictTokenServer
+
+    secret = "s3cr+t/=:%x"
+    port = _free_port()
+    tokens = StrictTokenServer(lifetime=600, clients={"rotating-client": Client(secret, "basic")})
+    command = [
+        *(sys.executable, "-m", "gunicorn", "--workers", str(ROTATION_WORKERS)),
+        *("--bind", f"127.0.0.1:{port}", "--chdir", str(TESTS_DIR)),
+        *("--config", str(PREFORK_DIR / "gunicorn_no_post_fork.conf.py"), "prefork.oauth_app:app"),
+    ]
+    answers: list[dict[str, Any]] = []
+    with tokens:
+        env = {
+            "ROTATION_TOKEN_URL": tokens.token_url,
+            "ROTATION_SECRET": secret,
+            "ROTATION_REFRESH_TOKEN": tokens.issue_refresh_token(),
+            "ROTATION_STORE": str(tmp_path / "store"),
+        }
+        with _serve("gunicorn-rotation", command, port, tmp_path, env) as server:
+            deadline = time.monotonic() + STARTUP_DEADLINE
+            with ThreadPoolExecutor(ROTATION_CLIENTS, thread_name_prefix="rotate") as pool:
+                # Until 50 rotations are made and every worker has made some.
+                while (
+                    len(tokens.presented) < ROTATIONS
+                    or len({answer["pid"] for answer in answers}) < ROTATION_WORKERS
+                ):
+                    assert time.monotonic() < deadline, f"{answers}{server.context()}"
+                    got = list(pool.map(_rotate_once, [port] * ROTATION_CLIENTS))
+                    answers += [answer for answer in got if answer is not None]
+                    if not any(got):
+                        time.sleep(0.05)  # not up yet: poll again shortly, without spinning
+            _stop(server, sorted({answer["pid"] for answer in answers}))
+
+    outcomes = Counter(seen.outcome for seen in tokens.seen)
+    context = f"outcomes {outcomes}; answers {answers}{server.context()}"
+    assert [answer for answer in answers if answer["error"]] == [], context
+    assert outcomes == {"ok": len(tokens.presented)}, context
+    assert len(tokens.presented) >= ROTATIONS, context
+    assert len(set(tokens.presented)) == len(tokens.presented), context
+    assert len({answer["pid"] for answer in answers}) == ROTATION_WORKERS, context

@@ -11,10 +11,11 @@ from token_refresh import _scheduler, events
 from token_refresh._format import fingerprint, format_seconds
 from token_refresh._jwt import decode_jwt_expiry
 from token_refresh._scheduler import MAX_REFRESH_FAILURES, Scheduler
+from token_refresh.oauth import ClientCredentials, OAuthError, discover
+from token_refresh.shared import InvalidGrant, RateLimited
 
 from ._demo import Story
 from ._duration import human_duration
-from ._oauth import TokenRequestError, discover_token_endpoint, fetch_token
 
 SESSION = "demo"
 WATCH = 3.0  # seconds: each token is refreshed this long after it was issued, at most
@@ -23,34 +24,41 @@ SLACK = 10.0  # seconds added to the deadline for the whole story
 
 
 class TokenSource:
-    """get_access_token() for the scheduler: the client_credentials grant."""
+    """get_access_token() for the scheduler: token_refresh.oauth's client_credentials grant.
+
+    With a secret, ``client_auth="auto"``: Basic, or the form for a server that
+    takes only client_secret_post; without one, a public client.
+    """
 
     def __init__(self, token_url: str, client_id: str, client_secret: str | None) -> None:
-        self.token_url, self.client_id, self.client_secret = token_url, client_id, client_secret
+        self.fetch = ClientCredentials(token_url, client_id, client_secret, client_auth="auto")
+        self.token_url = token_url
         self.expires_in: float | None = None  # the last one the server sent
+        self.expires_at: dict[str, float] = {}  # opaque tokens' expiry, from expires_in
         self.last_error = ""
         self.failures = 0
 
     def get_access_token(self) -> str:
+        asked = time.time()  # no later than the request was sent: expires_in is at least this
         try:
-            token, expires_in = fetch_token(
-                self.token_url, client_id=self.client_id, client_secret=self.client_secret
-            )
-        except TokenRequestError as error:
+            grant = self.fetch()
+        except (OAuthError, InvalidGrant, RateLimited) as error:
             self.failures += 1
             self.last_error = str(error)  # for the story: it never quotes a token
             raise
-        self.expires_in = expires_in or self.expires_in
-        return token
+        if grant.expires_at is not None:
+            self.expires_in = grant.expires_at - asked
+            self.expires_at = {grant.access_token: grant.expires_at}
+        return grant.access_token
 
     def expiry(self, token: str) -> float:
-        """When ``token`` expires (Unix seconds): its exp, else from the last expires_in."""
+        """When ``token`` expires (Unix seconds): its exp, else from its expires_in."""
         exp = decode_jwt_expiry(token)
         if exp:
             return float(exp)
-        if self.expires_in is None:
-            raise TokenRequestError("the token is no JWT with an exp, and came with no expires_in")
-        return time.time() + self.expires_in
+        if token not in self.expires_at:
+            raise OAuthError("the token is no JWT with an exp, and came with no expires_in")
+        return self.expires_at[token]
 
 
 @dataclass
@@ -72,17 +80,18 @@ def run_issuer_demo(
     Kept fresh means: every refresh came while the token it replaced was still
     valid, all ``refreshes`` came in time, and the last token is valid at the end.
 
-    Raises TokenRequestError (an OSError) if the issuer cannot be used at all.
+    Raises OAuthError (an OSError), InvalidGrant or RateLimited if the issuer
+    cannot be used at all.
     """
     done = threading.Event()  # the session has ended, or the reader has gone
     story = Story(out, wake=done.set)
     story.say(f"token_refresh demo against {issuer}: keep one session's token fresh.", stamp=False)
-    source = TokenSource(discover_token_endpoint(issuer), client_id, client_secret)
+    source = TokenSource(discover(issuer).token_endpoint, client_id, client_secret)
     first = source.get_access_token()
     held = Held(first, source.expiry(first))
     lifetime = held.expires - time.time()
     if lifetime <= 0:
-        raise TokenRequestError("the server's token has already expired (are the clocks apart?)")
+        raise OAuthError("the server's token has already expired (are the clocks apart?)")
     jwt = bool(decode_jwt_expiry(first))
     refresh_after = min(WATCH, lifetime / 2)
     cycle = refresh_after if jwt else max(refresh_after, _scheduler.EXPIRES_IN_FLOOR)

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 from token_refresh import __version__
+from token_refresh.oauth import _checked_url
+from token_refresh.shared import InvalidGrant, RateLimited
 
 from ._demo import run_demo
 from ._demo_issuer import run_issuer_demo
 from ._inspect import NotAJWTError, inspect_token
-from ._oauth import check_url
 
 CLIENT_ID_VARIABLE = "TOKEN_REFRESH_CLIENT_ID"
 CLIENT_SECRET_VARIABLE = "TOKEN_REFRESH_CLIENT_SECRET"
@@ -96,7 +97,8 @@ def _refreshes(text: str) -> int:
 
 def _issuer(text: str) -> str:
     try:
-        return check_url(text, "the issuer")
+        # No password and no query (RFC 8414, 2): either could be a credential on the screen.
+        return _checked_url(text, "the issuer", query=False)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -204,7 +206,7 @@ def _run(argv: list[str] | None) -> int:
         return _demo(args, parser)
     except BrokenPipeError:
         raise  # an OSError, but no failure of the token server: main() handles it
-    except OSError as error:  # the token server failed us: TokenRequestError
+    except (OSError, InvalidGrant, RateLimited) as error:  # the token server failed us
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
