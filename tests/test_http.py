@@ -8,6 +8,7 @@ carried and the body it brought, whole.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -317,17 +318,24 @@ class TestEveryRequest:
         with pytest.raises(TypeError, match="source must be callable"):
             make("tok1")
 
-    def test_repr_shows_the_source_not_a_token(
+    def test_repr_and_errors_name_the_source_never_its_secrets(
         self, server: ResourceServer, client: tuple[Any, Callable[..., Reply]]
     ) -> None:
-        """The adapter's repr names its source, never a token it handed out."""
+        """The repr and NoToken name the source's type or function, not a token or its args."""
         make, send = client
         source = Source(prefix="secret-")
         server.accepted = {"secret-1"}
         auth = make(source)
         send(auth, server.url)
-        assert "secret-1" not in repr(auth)
-        assert repr(auth).startswith(f"{type(auth).__name__}(<")
+        assert repr(auth) == f"{type(auth).__name__}(Source)"
+
+        def no_token(client_secret: str) -> None:
+            return None
+
+        with pytest.raises(NoToken) as raised:
+            send(make(functools.partial(no_token, client_secret="s3cr3t")), server.url)
+        assert str(raised.value) == "partial gave no token: the request was not sent"
+        assert "s3cr3t" not in repr(make(functools.partial(no_token, client_secret="s3cr3t")))
 
 
 class TestRefusal:

@@ -105,6 +105,12 @@ def refused_token(status_code: int, www_authenticate: Iterable[str]) -> bool:
     )
 
 
+def _name(source: object) -> str:
+    """A source's name for messages: never its repr, which may show a secret (a partial's args)."""
+    name = getattr(source, "__qualname__", None)
+    return name if isinstance(name, str) else type(source).__name__
+
+
 def _missing(client: str) -> ImportError:
     return ImportError(
         f"token_refresh.http.{'RequestsAuth' if client == 'requests' else 'HttpxAuth'} "
@@ -121,13 +127,13 @@ class _Bearer:
         self.source = source
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.source!r})"
+        return f"{type(self).__name__}({_name(self.source)})"
 
     def token(self) -> str:
         """A token from the source, checked; the source's own exception passes through."""
         token = self.source()
         if token is None or token == "":
-            raise NoToken(f"{self.source!r} gave no token: the request was not sent")
+            raise NoToken(f"{_name(self.source)} gave no token: the request was not sent")
         if not isinstance(token, str):
             raise TypeError(f"the token source returned {type(token).__name__}, not str")
         if _HEADER_SAFE.fullmatch(token) is None:
