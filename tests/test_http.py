@@ -8,6 +8,7 @@ carried and the body it brought, whole.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import importlib.util
@@ -577,6 +578,23 @@ class TestBodies:
         reply = send_requests(RequestsAuth(Source()), server.url)
         assert reply.status == 200
         assert server.cookies == [None, "affinity=node-7"]
+
+
+class TestAsyncClient:
+    def test_httpx_auth_works_with_an_async_client(self, server: ResourceServer) -> None:
+        """With httpx.AsyncClient the same flow runs: a refused token is replaced once."""
+        source = Source()
+        server.accepted = {"tok2"}
+
+        async def call() -> httpx.Response:
+            async with httpx.AsyncClient(auth=HttpxAuth(source), timeout=10) as client:
+                return await client.post(server.url, content=BODY)
+
+        response = asyncio.run(call())
+
+        assert (response.status_code, response.content) == (200, sha(BODY))
+        assert [a.authorization for a in server.attempts] == ["Bearer tok1", "Bearer tok2"]
+        assert source.rejected == ["tok1"]
 
 
 class TestConcurrency:
