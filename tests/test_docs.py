@@ -573,6 +573,23 @@ def flask_app() -> ModuleType:
     return _load(EXAMPLES / "flask_app.py", "docs_example_flask_app")
 
 
+@contextmanager
+def _upstream(app: Any) -> Iterator[None]:
+    """Serve ``app`` on a loopback port as the upstream API it calls (its own stand-in)."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="upstream", daemon=True)
+    thread.start()
+    app.config["UPSTREAM"] = f"http://127.0.0.1:{server.port}"
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 class TestFlaskExample:
     """docs/examples/flask_app.py: each process keeps its own service token fresh."""
 
@@ -582,20 +599,40 @@ class TestFlaskExample:
         """With a ManualClock: token #1 on the first request, #2 after the refresh is due."""
         clock = testing.ManualClock()
         service = flask_app.ServiceToken(flask_app.AuthServer(now=clock.time), clock=clock)
-        client = flask_app.create_app(service).test_client()
+        app = flask_app.create_app(service)
+        client = app.test_client()
 
-        first = client.get("/").get_json()
-        assert first["token_number"] == 1
-        health = client.get("/healthz").get_json()
-        assert health["sessions"] == [flask_app.SESSION]
-        lifetime, buffer = flask_app.TOKEN_LIFETIME, service.scheduler.refresh_buffer
-        assert health["next_refresh_in"] == lifetime - buffer
+        with _upstream(app):
+            first = client.get("/").get_json()
+            assert (first["token_number"], first["refused_first"]) == (1, 0)
+            health = client.get("/healthz").get_json()
+            assert health["sessions"] == [flask_app.SESSION]
+            lifetime, buffer = flask_app.TOKEN_LIFETIME, service.scheduler.refresh_buffer
+            assert health["next_refresh_in"] == lifetime - buffer
 
-        clock.advance(lifetime - buffer)
-        assert client.get("/").get_json()["token_number"] == 2
-        health = client.get("/healthz").get_json()
-        assert health["refreshes"] == 1
-        assert health["next_refresh_in"] == lifetime - buffer  # from the new token's exp
+            clock.advance(lifetime - buffer)
+            assert client.get("/").get_json()["token_number"] == 2
+            health = client.get("/healthz").get_json()
+            assert health["refreshes"] == 1
+            assert health["next_refresh_in"] == lifetime - buffer  # from the new token's exp
+        service.scheduler.close()
+
+    def test_a_token_the_api_refuses_is_replaced_once(self, flask_app: ModuleType) -> None:
+        """The upstream API refuses the current token: reject() fetches #2, the call is resent."""
+        clock = testing.ManualClock()
+        service = flask_app.ServiceToken(flask_app.AuthServer(now=clock.time), clock=clock)
+        app = flask_app.create_app(service)
+        client = app.test_client()
+
+        with _upstream(app):
+            assert client.get("/").get_json()["token_number"] == 1
+            service.auth_server.revoked.add(1)
+            answer = client.get("/").get_json()
+            assert (answer["token_number"], answer["refused_first"]) == (2, 1)
+            assert client.get("/").get_json()["refused_first"] == 0
+            service.auth_server.revoked.update({2, 3})
+            assert client.get("/").status_code == 500  # refused again after its one retry
+        assert service.scheduler.next_refresh_at(flask_app.SESSION) is not None
         service.scheduler.close()
 
     def test_module_level_app_is_served(self, flask_app: ModuleType) -> None:

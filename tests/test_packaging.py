@@ -7,6 +7,7 @@ unpacked, and pytest collects its tests against the installed package.
 
 from __future__ import annotations
 
+import email.parser
 import importlib.metadata
 import os
 import re
@@ -108,6 +109,22 @@ class TestSdist:
         assert re.fullmatch(r"\d+ tests collected in [\d.]+s", summary), collect.stdout
         files = {line.partition("::")[0] for line in collect.stdout.splitlines() if "::" in line}
         assert files == {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")}
+
+    def test_the_http_extras_are_their_clients_alone(self, unpacked_sdist: Path) -> None:
+        """The requests and httpx extras are a client each; the test extra has both."""
+        metadata = email.parser.Parser().parsestr(
+            (unpacked_sdist / "PKG-INFO").read_text(encoding="utf-8")
+        )
+        requires = metadata.get_all("Requires-Dist") or []
+        by_extra: dict[str, list[str]] = {}
+        for requirement in requires:
+            name, _, marker = requirement.partition(";")
+            extra = re.search(r'extra == "([^"]+)"', marker)
+            by_extra.setdefault(extra.group(1) if extra else "", []).append(name.strip())
+        assert by_extra["requests"] == ["requests>=2.28"]
+        assert by_extra["httpx"] == ["httpx>=0.27"]
+        assert {"requests>=2.28", "httpx>=0.27"} <= set(by_extra["test"])
+        assert "" not in by_extra  # the library itself needs nothing beyond the standard library
 
 
 class TestTestCommand:

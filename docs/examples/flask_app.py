@@ -1,9 +1,15 @@
-"""A Flask app whose worker processes each keep a service token fresh.
+"""A Flask app whose worker processes each keep a service token fresh, and use it.
 
 The app calls an upstream API with a short-lived service token (an OAuth2
 client-credentials token, say). A :class:`~token_refresh.Scheduler` refreshes
 it five minutes before it expires, on a background thread, so no request ever
-waits for the token server.
+waits for the token server. :class:`~token_refresh.http.RequestsAuth` puts it
+on every call, and when the API refuses it (revoked before its expiry), asks
+``ServiceToken.reject()`` for a new one and sends the call once more.
+
+The upstream API is ``app.config["UPSTREAM"]`` (from ``TOKEN_REFRESH_EXAMPLE_UPSTREAM``);
+unset, the app calls its own ``/api/whoami``, which stands in for one and
+accepts the tokens the stand-in ``AuthServer`` issued and has not revoked.
 
 Run it under gunicorn with the settings beside it (``gunicorn.conf.py``)::
 
@@ -35,9 +41,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from flask import Flask, Response, jsonify
+import requests
+from flask import Flask, Response, jsonify, request
 
 from token_refresh import Scheduler, decode_jwt_payload
+from token_refresh.http import RequestsAuth
 from token_refresh.testing import ManualClock
 
 FAST = os.environ.get("TOKEN_REFRESH_EXAMPLE_FAST") == "1"
@@ -53,6 +61,7 @@ class AuthServer:
     def __init__(self, now: Callable[[], float] = time.time) -> None:
         self._now = now
         self._serials = itertools.count(1)
+        self.revoked: set[int] = set()  # serials refused before their exp
 
     def issue_token(self) -> str:
         payload = {
@@ -63,12 +72,19 @@ class AuthServer:
         body = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
         return f"e30.{body}.unsigned"
 
+    def check(self, token: str) -> int | None:
+        """What the upstream API does: the token's serial if it is valid, else None."""
+        payload = decode_jwt_payload(token)
+        if not isinstance(payload, dict) or payload["n"] in self.revoked:
+            return None
+        return int(payload["n"]) if payload["exp"] > self._now() else None
+
 
 class ServiceToken:
     """This process's service token, which its scheduler keeps fresh."""
 
     def __init__(self, auth: AuthServer, *, clock: ManualClock | None = None) -> None:
-        self._auth = auth
+        self._auth = self.auth_server = auth
         self._token: str | None = None
         self._started_in: int | None = None  # the pid that fetched the current token
         self._lock = threading.Lock()
@@ -97,6 +113,16 @@ class ServiceToken:
             assert self._token is not None
             return self._token
 
+    __call__ = get  # a token source for RequestsAuth
+
+    def reject(self, token: str) -> None:
+        """The API refused ``token``: if it is still this process's, fetch its replacement now."""
+        with self._lock:
+            if token != self._token:
+                return  # another thread replaced it already
+            self._token = new = self._auth.issue_token()
+        self.scheduler.schedule(SESSION, new)
+
     def next_refresh_in(self) -> float | None:
         due = self.scheduler.next_refresh_at(SESSION)
         return None if due is None else round(due - self._now(), 3)
@@ -112,15 +138,29 @@ class ServiceToken:
 def create_app(service_token: ServiceToken) -> Flask:
     """The Flask app; tests pass a ServiceToken whose scheduler runs on a ManualClock."""
     app = Flask(__name__)
+    app.config["UPSTREAM"] = os.environ.get("TOKEN_REFRESH_EXAMPLE_UPSTREAM")
+    upstream = requests.Session()  # made before the fork, it holds no connection yet
+    upstream.auth = RequestsAuth(service_token)
 
     @app.get("/")
     def index() -> Response:
-        token = service_token.get()
-        # A real app would now call the upstream API with
-        # headers={"Authorization": f"Bearer {token}"}; here we just say which token.
-        payload = decode_jwt_payload(token)
-        assert isinstance(payload, dict)
-        return jsonify(pid=os.getpid(), token_number=payload["n"])
+        base = app.config["UPSTREAM"] or request.host_url.rstrip("/")
+        answer = upstream.get(f"{base}/api/whoami", timeout=10)
+        answer.raise_for_status()
+        return jsonify(
+            pid=os.getpid(),
+            token_number=answer.json()["token_number"],
+            refused_first=len(answer.history),  # 1: a refused token was replaced once
+        )
+
+    @app.get("/api/whoami")
+    def whoami() -> Response | tuple[str, int, dict[str, str]]:
+        """Stands in for the upstream API: it checks the bearer token, as a real one would."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        serial = service_token.auth_server.check(token) if scheme == "Bearer" else None
+        if serial is None:
+            return "refused", 401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        return jsonify(token_number=serial)
 
     @app.get("/healthz")
     def healthz() -> Response:

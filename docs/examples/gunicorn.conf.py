@@ -8,6 +8,9 @@ wsgi_app = "flask_app:app"
 pythonpath = os.path.dirname(os.path.abspath(__file__))  # where flask_app.py is
 bind = "127.0.0.1:8000"
 workers = 2
+# Threads per worker: a request may wait on the upstream API (the example's stand-in for
+# one is this same app), and a refresh never blocks a request meanwhile.
+threads = 4
 # Import the app, and so create its Scheduler, once in the master; the workers
 # are forks of it. Without preload each worker imports the app itself, and the
 # hooks below work the same way.
