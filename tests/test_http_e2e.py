@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from test_prefork import TESTS_DIR, Server, _free_port, _has_module, _require, _serve
 
-from token_refresh.cli._oauth import fetch_token
 from token_refresh.http import HttpxAuth, RequestsAuth
+from token_refresh.oauth import ClientCredentials
 from token_refresh.shared import SharedToken
 
 from conftest import MockOAuthServer, require_mock_server
@@ -144,7 +144,8 @@ class Rejecting:
     def __call__(self) -> str:
         with self._lock:  # concurrent callers wait for the one fetch
             if self._current is None:
-                self._current, _ = fetch_token(self.token_url, client_id="e2e", timeout=5)
+                grant = ClientCredentials(self.token_url, "e2e", timeout=5)()
+                self._current = grant.access_token
                 self.grants += 1
             return self._current
 

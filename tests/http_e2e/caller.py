@@ -21,8 +21,8 @@ import httpx
 import requests
 from flask import Flask, Response, jsonify
 
-from token_refresh.cli._oauth import fetch_token
 from token_refresh.http import HttpxAuth, RequestsAuth
+from token_refresh.oauth import ClientCredentials
 from token_refresh.shared import FileStore, SharedToken
 
 STATE = Path(os.environ["CALLER_STATE"])
@@ -37,8 +37,7 @@ def fetch() -> str:
         os.write(fd, f"{os.getpid()}\n".encode())
     finally:
         os.close(fd)
-    token, _ = fetch_token(TOKEN_URL, client_id="e2e", timeout=5)
-    return token
+    return ClientCredentials(TOKEN_URL, "e2e", timeout=5)().access_token
 
 
 token = SharedToken(fetch, FileStore(STATE / "tokens"), key="resource")
