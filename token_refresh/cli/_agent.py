@@ -27,7 +27,6 @@ from token_refresh.shared import FileStore, SharedToken
 from ._grant import (
     CLIENT_AUTH,
     EXIT_UNREACHABLE,
-    ClientAuthName,
     Fetcher,
     GrantOptions,
     expiry,
@@ -175,7 +174,7 @@ def _grant(table: dict[str, object]) -> GrantOptions:
         client_secret=_secret(table),
         scope=scope,
         audience=cast("str | None", table.get("audience")),
-        client_auth=cast(ClientAuthName, client_auth),
+        client_auth=client_auth,
     )
 
 
@@ -219,8 +218,10 @@ class KeyKeeper:
     def __init__(self, config: KeyConfig, store: FileStore) -> None:
         self.config, self.store = config, store
         self.fetcher = Fetcher(config.grant)
+        # max_age=None: at its refresh time a token is replaced, however young (a token that
+        # lives less than max_age would otherwise be handed back, and refreshed in a loop).
         self.shared = SharedToken(
-            self.fetcher, store, key=config.name, min_ttl=config.refresh_buffer
+            self.fetcher, store, key=config.name, min_ttl=config.refresh_buffer, max_age=None
         )
         self.scheduler = Scheduler(
             self.shared,

@@ -138,7 +138,9 @@ def run_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     fetcher = Fetcher(_options(args, parser))
     try:
         store = FileStore(args.store)
-        shared = SharedToken(fetcher, store, key=args.key, min_ttl=args.min_ttl)
+        # max_age=None: a token is reused for its lifetime only, never because it is young,
+        # so a printed token always has more than --min-ttl left.
+        shared = SharedToken(fetcher, store, key=args.key, min_ttl=args.min_ttl, max_age=None)
         token = shared()
         assert token is not None  # a Fetcher returns a Grant or raises
         expires_at = expiry(token, fetcher, store, args.key)
