@@ -162,6 +162,14 @@ def _holds(record: Record | None, token: str, *, refused: bool | None = None) ->
     )
 
 
+def _checked_fetch(
+    fetch: Callable[..., str | Grant | None] | None,
+) -> Callable[..., str | Grant | None] | None:
+    if fetch is not None and not callable(fetch):
+        raise TypeError("fetch must be callable, or None for a reader")
+    return fetch
+
+
 def _raise_own(error: BaseException) -> NoReturn:
     """Raise a shared failure to one caller: its own copy, chained to the fetch's exception."""
     own = _own_copy(error)
@@ -232,11 +240,9 @@ class SharedToken:
         invalid_grant_wait: float = 2.0,
         reject_interval: float = 30.0,
     ) -> None:
-        if fetch is not None and not callable(fetch):
-            raise TypeError("fetch must be callable, or None for a reader")
         if not isinstance(key, str) or not key:
             raise TypeError("key must be a non-empty str")
-        self._fetch = fetch
+        self._fetch = _checked_fetch(fetch)
         self._store: Store = MemoryStore() if store is None else store
         self._key = key
         self._min_ttl = _seconds(min_ttl, "min_ttl")
@@ -278,7 +284,7 @@ class SharedToken:
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
         try:
-            token, served_by = self._call()
+            token, served_by = self._call() if self._fetch is not None else self._read()
         except BaseException as error:
             if self._observers:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
@@ -301,8 +307,6 @@ class SharedToken:
             record = self._cache.get(key)
             if record is not None and record.grant is not None and self._usable(record):
                 return record.grant.access_token, _served_by(record.writer)
-        if self._fetch is None:
-            return self._stored(key)
         with self._lock:
             held = self._held.get(key, 0.0) - _stores._monotonic()
             if held > 0:
@@ -332,10 +336,14 @@ class SharedToken:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
 
-    def _stored(self, key: str) -> tuple[str, ServedBy]:
-        """A reader's call: the store's token while it is good, else NoFreshToken."""
-        with self._store_errors("read"):
-            record = self._store.read(key)
+    def _read(self) -> tuple[str, ServedBy]:
+        """A reader's call: the cached or stored token while it is good, else NoFreshToken."""
+        key = self._key_for(current_session_id())
+        with self._lock:
+            record = self._cache.get(key)
+        if record is None or not self._usable(record):
+            with self._store_errors("read"):
+                record = self._store.read(key)
         if record is None or record.grant is None:
             problem = "holds no token for it"
         elif record.refused:

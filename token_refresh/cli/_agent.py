@@ -141,15 +141,20 @@ def _key(path: Path, name: str, table: object) -> KeyConfig:
     try:
         grant = _grant(table)
         Fetcher(grant)  # checks the token endpoint and the client now, not at the first refresh
-        buffer = table.get("refresh_buffer", REFRESH_BUFFER)
-        if isinstance(buffer, bool) or not isinstance(buffer, (int, float)) or not buffer >= 0:
-            raise ValueError("refresh_buffer must be a number of seconds, 0 or more")
-        sink = table.get("sink")
-        if sink is not None and (not isinstance(sink, str) or not sink):
-            raise ValueError("sink must be a path")
+        buffer, sink = _buffer_and_sink(table)
     except (OSError, TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {getattr(error, 'strerror', None) or error}") from None
-    return KeyConfig(name, grant, float(buffer), None if sink is None else Path(sink))
+    return KeyConfig(name, grant, buffer, sink)
+
+
+def _buffer_and_sink(table: dict[str, object]) -> tuple[float, Path | None]:
+    buffer = table.get("refresh_buffer", REFRESH_BUFFER)
+    if isinstance(buffer, bool) or not isinstance(buffer, (int, float)) or not buffer >= 0:
+        raise ValueError("refresh_buffer must be a number of seconds, 0 or more")
+    sink = table.get("sink")
+    if sink is not None and (not isinstance(sink, str) or not sink):
+        raise ValueError("sink must be a path")
+    return float(buffer), None if sink is None else Path(sink)
 
 
 def _grant(table: dict[str, object]) -> GrantOptions:
