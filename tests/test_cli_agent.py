@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import queue
+import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,7 +15,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli import FakeIssuer
@@ -399,6 +403,48 @@ class AgentProcess:
                 pipe.close()
 
 
+#: A curl stand-in: read "Authorization: Bearer ..." on stdin, GET argv[1] with it.
+URLLIB_CALL = """
+import sys, urllib.request
+name, _, value = sys.stdin.read().strip().partition(": ")
+urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={name: value}), timeout=10)
+"""
+
+
+class ResourceServer:
+    """An API on 127.0.0.1 that records the bearer token of every call and when it came."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str]] = []
+        resource = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                resource.seen.append((time.time(), token))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # no noise on stderr
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/items"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.01,), name="resource-server"
+        )
+
+    def __enter__(self) -> ResourceServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
 @pytest.fixture
 def agents() -> Iterator[list[AgentProcess]]:
     """Agents started by a test; every one still running is stopped afterwards."""
@@ -433,13 +479,22 @@ class TestAgentProcess:
 
         reader = threading.Thread(target=read_sink, name="sink-reader")
         reader.start()
+        argv = [*PYTHON_M, "token", "--store", str(tmp_path / "store"), "--key", "api"]
+        argv += ["--issuer", issuer.url, "--client-id", "svc", "--min-ttl", "0.5"]
+        argv += ["--format", "header"]
         try:
-            until = time.time() + 6.5
-            argv = [*PYTHON_M, "token", "--store", str(tmp_path / "store"), "--key", "api"]
-            argv += ["--issuer", issuer.url, "--client-id", "svc", "--min-ttl", "0.5"]
-            while time.time() < until:
-                out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-                printed.append((time.time(), out.strip()))
+            with ResourceServer() as api:
+                # A cron job's line: the header into curl (or Python's urllib without curl).
+                call = (
+                    f"curl -sf -H @- {api.url}"
+                    if shutil.which("curl")
+                    else f"{shlex.quote(sys.executable)} -c {shlex.quote(URLLIB_CALL)} {api.url}"
+                )
+                command = f"{shlex.join(argv)} | {call}"
+                until = time.time() + 6.5
+                while time.time() < until:
+                    subprocess.run(["bash", "-c", command], check=True, capture_output=True)
+                printed = api.seen
         finally:
             stop.set()
             reader.join(timeout=10)
@@ -449,8 +504,10 @@ class TestAgentProcess:
         assert reads
         assert set(reads) <= set(issuer.issued)  # whole tokens only, never a partial file
         assert len(set(reads)) >= 3
+        assert len(printed) >= 10
         for when, token in printed:
-            assert jwt_exp(token) > when, "a shell got an expired token"
+            assert token in issuer.issued
+            assert jwt_exp(token) > when, "a shell sent an expired token"
         assert stat.S_IMODE(sink.stat().st_mode) == 0o600
         assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == 0o700
         assert stat.S_IMODE(sink.parent.stat().st_mode) == 0o700
