@@ -219,25 +219,30 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def signal_when(
-    steps: Sequence[tuple[Callable[[], bool], Callable[[], object]]],
-) -> threading.Thread:
-    """A thread that, for each step, waits for its condition and then does its action."""
-    failures: list[BaseException] = []
+class Signaller(threading.Thread):
+    """For each step, wait for its condition and then do its action (signals to this process).
 
-    def run() -> None:
+    On a failure it stops the agent with SIGTERM, unless the agent has returned
+    (``finished``): then the default SIGTERM handler would end the test run.
+    """
+
+    def __init__(self, steps: Sequence[tuple[Callable[[], bool], Callable[[], object]]]) -> None:
+        super().__init__(name="test-signaller")
+        self.steps = steps
+        self.failures: list[BaseException] = []
+        self.finished = threading.Event()
+
+    def run(self) -> None:
         try:
-            for condition, action in steps:
-                wait_for(condition)
+            for condition, action in self.steps:
+                wait_for(lambda c=condition: c() or self.finished.is_set())  # type: ignore[misc]
+                if self.finished.is_set():
+                    raise AssertionError("the agent returned before the steps were done")
                 action()
-        except BaseException as error:  # stop the agent whatever happened
-            failures.append(error)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=run, name="test-signaller")
-    thread.failures = failures  # type: ignore[attr-defined]
-    thread.start()
-    return thread
+        except BaseException as error:
+            self.failures.append(error)
+            if not self.finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.realclock
@@ -288,15 +293,17 @@ class TestAgentInProcess:
                 (lambda: True, lambda: time.sleep(0.2)),
                 (lambda: True, lambda: os.kill(os.getpid(), signal.SIGTERM)),
             ]
-            signaller = signal_when(steps)
+            signaller = Signaller(steps)
+            signaller.start()
             status, out, err = 0, "", ""
             try:
                 status = main(["agent", "--config", str(path)])
             finally:
+                signaller.finished.set()
                 signaller.join(timeout=20)
             out, err = capsys.readouterr()
 
-        assert signaller.failures == []  # type: ignore[attr-defined]
+        assert signaller.failures == []
         assert (status, out) == (0, "")
         assert sink.read_text() in issuer.issued
         assert (tmp_path / "opaque.token").read_text() == "at-1"
@@ -504,7 +511,7 @@ class TestAgentProcess:
         assert reads
         assert set(reads) <= set(issuer.issued)  # whole tokens only, never a partial file
         assert len(set(reads)) >= 3
-        assert len(printed) >= 10
+        assert len(printed) >= 3  # a few calls over three lifetimes, even on a loaded machine
         for when, token in printed:
             assert token in issuer.issued
             assert jwt_exp(token) > when, "a shell sent an expired token"
