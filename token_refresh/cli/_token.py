@@ -92,7 +92,12 @@ def add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     where.add_argument(
         "--issuer", type=_url("the issuer", False), metavar="URL", help="found via .well-known"
     )
-    where.add_argument("--token-endpoint", type=_url("the token endpoint", True), metavar="URL")
+    where.add_argument(
+        "--token-endpoint",
+        type=_url("the token endpoint", True),
+        metavar="URL",
+        help="the token endpoint itself (no discovery)",
+    )
     token.add_argument("--client-id", metavar="ID", help=f"default: ${CLIENT_ID_VARIABLE}")
     token.add_argument("--client-secret-file", metavar="FILE", help="a file holding the secret")
     token.add_argument("--scope", metavar="SCOPE", help="space-separated scopes to ask for")
@@ -105,7 +110,12 @@ def add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         metavar="SECONDS",
         help=f"reuse a token while it has more than this left (default: {MIN_TTL:g})",
     )
-    token.add_argument("--format", choices=("token", "header", "json"), default="token")
+    token.add_argument(
+        "--format",
+        choices=("token", "header", "json"),
+        default="token",
+        help="what to print (default: token; see below)",
+    )
 
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GrantOptions:
