@@ -257,6 +257,7 @@ class TestAgentInProcess:
     ) -> None:
         """JWT and opaque keys refreshed; SIGHUP adds a key, a bad file is refused; SIGTERM: 0."""
         issuer.lifetime = 1.0
+        hangup_handler = signal.getsignal(signal.SIGHUP)  # SIG_IGN under nohup
         sink = tmp_path / "jwt.token"
         path = tmp_path / "agent.toml"
         jwt_key = {
@@ -321,7 +322,7 @@ class TestAgentInProcess:
             assert token not in err
         assert SECRET not in err
         assert "stopping" in err
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) == hangup_handler
 
     def test_bad_file_at_start_exits_2(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -307,7 +307,6 @@ class SharedToken:
             record = self._cache.get(key)
             if record is not None and record.grant is not None and self._usable(record):
                 return record.grant.access_token, _served_by(record.writer)
-        with self._lock:
             held = self._held.get(key, 0.0) - _stores._monotonic()
             if held > 0:
                 raise RateLimited(held, _printable(key))

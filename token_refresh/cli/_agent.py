@@ -251,13 +251,13 @@ class KeyKeeper:
         # else: the scheduler's follow-up refresh comes after follow_up_interval
         if self.config.sink is not None:
             write_sink(self.config.sink, token)
-        due = self.scheduler.next_refresh_at(name)
+        due = self.scheduler.next_refresh_at(name)  # None: the follow-up, armed after we return
         _log.info(
             "key %s: token %s, expires %s; next refresh %s",
             name,
             fingerprint(token),
             _when(expires_at),
-            _when(due),
+            "after the follow-up interval (30m)" if due is None else _when(due),
         )
 
     def close(self, timeout: float) -> None:
