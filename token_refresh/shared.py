@@ -43,6 +43,7 @@ __all__ = [
     "InvalidGrant",
     "Lease",
     "MemoryStore",
+    "NoFreshToken",
     "RateLimited",
     "Record",
     "RedisStore",
@@ -110,6 +111,16 @@ class InvalidGrant(Exception):
     """
 
 
+class NoFreshToken(LookupError):
+    """A reader's store holds no good token for the key (``SharedToken(None, store)``).
+
+    Nothing was stored for the key, or the stored token expires within
+    ``min_ttl`` (or a server refused it): whatever keeps the key fresh (a
+    ``token-refresh agent``) is not running, or is failing. The message names
+    the key and the store, never the token.
+    """
+
+
 class _Flight:
     """One fetch in progress (or just done) for a key, shared by the calls that join it."""
 
@@ -133,6 +144,8 @@ def _own_copy(error: BaseException) -> BaseException:
     """
     try:
         own = type(error).__new__(type(error), *error.args)
+        # An OSError subclass with its own __init__ (OAuthError) gets no args from __new__.
+        own.args = error.args
         own.__dict__.update(vars(error))
     except Exception:  # a class that cannot be made without its __init__: share it
         return error
@@ -147,6 +160,14 @@ def _holds(record: Record | None, token: str, *, refused: bool | None = None) ->
         and record.grant.access_token == token
         and refused in (None, record.refused)
     )
+
+
+def _checked_fetch(
+    fetch: Callable[..., str | Grant | None] | None,
+) -> Callable[..., str | Grant | None] | None:
+    if fetch is not None and not callable(fetch):
+        raise TypeError("fetch must be callable, or None for a reader")
+    return fetch
 
 
 def _raise_own(error: BaseException) -> NoReturn:
@@ -173,6 +194,10 @@ class SharedToken:
 
     ``fetch()`` is your real token request: it returns an access token (a
     ``str``, or a :class:`Grant` to tell an opaque token's lifetime) or None.
+    ``fetch=None`` makes a reader: a call returns the stored token while it has
+    more than ``min_ttl`` seconds left and never fetches; otherwise it raises
+    :class:`NoFreshToken` (another process, such as ``token-refresh agent``,
+    keeps the key fresh in the store).
     With ``rotating=True`` it is called as ``fetch(previous)`` with the last
     :class:`Grant` stored for the key (None the first time) and returns the
     new :class:`Grant` with its new refresh token, stored together.
@@ -202,7 +227,7 @@ class SharedToken:
 
     def __init__(
         self,
-        fetch: Callable[..., str | Grant | None],
+        fetch: Callable[..., str | Grant | None] | None,
         store: Store | None = None,
         key: str = "default",
         min_ttl: float = 300.0,
@@ -215,11 +240,9 @@ class SharedToken:
         invalid_grant_wait: float = 2.0,
         reject_interval: float = 30.0,
     ) -> None:
-        if not callable(fetch):
-            raise TypeError("fetch must be callable")
         if not isinstance(key, str) or not key:
             raise TypeError("key must be a non-empty str")
-        self._fetch = fetch
+        self._fetch = _checked_fetch(fetch)
         self._store: Store = MemoryStore() if store is None else store
         self._key = key
         self._min_ttl = _seconds(min_ttl, "min_ttl")
@@ -261,7 +284,7 @@ class SharedToken:
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
         try:
-            token, served_by = self._call()
+            token, served_by = self._call() if self._fetch is not None else self._read()
         except BaseException as error:
             if self._observers:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
@@ -311,6 +334,29 @@ class SharedToken:
         if served_by == "fetch" and not start:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
+
+    def _read(self) -> tuple[str, ServedBy]:
+        """A reader's call: the cached or stored token while it is good, else NoFreshToken."""
+        key = self._key_for(current_session_id())
+        with self._lock:
+            record = self._cache.get(key)
+        if record is None or not self._usable(record):
+            with self._store_errors("read"):
+                record = self._store.read(key)
+        if record is None or record.grant is None:
+            problem = "holds no token for it"
+        elif record.refused:
+            problem = "holds a token a server refused"
+        elif not self._usable(record):
+            problem = f"holds no token with more than min_ttl={self._min_ttl:g}s left"
+        else:
+            with self._lock:
+                self._cache[key] = record
+            return record.grant.access_token, _served_by(record.writer)
+        raise NoFreshToken(
+            f"key {_printable(key)!r}: {self._store!r} {problem}; is the process that keeps "
+            "it fresh (token-refresh agent) running?"
+        )
 
     def _stuck(self, key: str, now: float) -> int:
         """How many of the key's fetches still run past fetch_timeout (lock held).
@@ -554,7 +600,9 @@ class SharedToken:
         previous, stored, version = self._basis(key, record)
         began = time.monotonic()
         try:
-            result: object = self._fetch(previous) if self._rotating else self._fetch()
+            fetch = self._fetch
+            assert fetch is not None  # a reader never fetches
+            result: object = fetch(previous) if self._rotating else fetch()
         except RateLimited as limited:
             self._fetched(began, "RateLimited")
             try:
@@ -579,8 +627,14 @@ class SharedToken:
             return
         fresh = Record(grant, version, time.time(), writer=_this_process())
         _log.debug("[shared:%s] fetched %s", _printable(key), fingerprint(grant.access_token))
-        self._finish(flight, fresh, fetched=True)  # first the callers, then the store
-        self._write(key, fresh, stored)
+        # Registered before the callers wake: a process that exits as soon as it has its
+        # token (token-refresh token) still waits at exit for the record to be stored.
+        _writing.add(threading.current_thread())
+        try:
+            self._finish(flight, fresh, fetched=True)  # first the callers, then the store
+            self._write(key, fresh, stored)
+        finally:
+            _writing.discard(threading.current_thread())
 
     def _basis(self, key: str, record: Record | None) -> tuple[Grant | None, int, int]:
         """What a fetch starts from: the previous grant, the version read and the one to write."""
@@ -611,15 +665,12 @@ class SharedToken:
 
     def _write(self, key: str, fresh: Record, stored: int) -> None:
         """Store a delivered record if the store still holds the version read before the fetch."""
-        _writing.add(threading.current_thread())
         try:
             with self._store_errors("write"):
                 written = self._store.write(key, fresh, expect=stored)
         except StoreUnavailable as error:
             _warn(key, error, "the token serves this process only")
             return
-        finally:
-            _writing.discard(threading.current_thread())
         if not written:
             _log.debug("[shared:%s] a newer token was stored meanwhile", _printable(key))
 

@@ -1,4 +1,4 @@
-"""The ``token-refresh`` command line: ``inspect``, ``demo`` and ``demo --issuer``."""
+"""The ``token-refresh`` command line: ``inspect``, ``demo``, ``token`` and ``agent``."""
 
 from __future__ import annotations
 

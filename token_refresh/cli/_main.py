@@ -15,9 +15,11 @@ from token_refresh import __version__
 from token_refresh.oauth import _checked_url
 from token_refresh.shared import InvalidGrant, RateLimited
 
+from ._agent import add_agent_parser, run_agent
 from ._demo import run_demo
 from ._demo_issuer import run_issuer_demo
 from ._inspect import NotAJWTError, inspect_token
+from ._token import add_token_parser, run_token
 
 CLIENT_ID_VARIABLE = "TOKEN_REFRESH_CLIENT_ID"
 CLIENT_SECRET_VARIABLE = "TOKEN_REFRESH_CLIENT_SECRET"
@@ -166,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="the token; better on standard input, since arguments land in shell history and ps",
     )
+    add_token_parser(commands)
+    add_agent_parser(commands)
     return parser
 
 
@@ -203,6 +207,10 @@ def _run(argv: list[str] | None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args, parser.prog)
+        if args.command == "token":
+            return run_token(args, parser)
+        if args.command == "agent":
+            return run_agent(args, parser)
         return _demo(args, parser)
     except BrokenPipeError:
         raise  # an OSError, but no failure of the token server: main() handles it
