@@ -8,6 +8,8 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
 
 __all__ = ["ManualClock"]
 
@@ -52,6 +54,10 @@ class ManualClock:
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._start = _finite(start, "start")
+        # Exact sums of what advance(), suspend() and step() were given, so that
+        # three advance(1/3) make exactly one second; read as whole nanoseconds.
+        self._elapsed = Fraction(0)  # monotonic
+        self._jumped = Fraction(0)  # wall minus monotonic
         self._monotonic = 0  # nanoseconds since start
         self._wall = 0  # nanoseconds since start; differs once suspended or stepped
         # (when it fires on the monotonic clock, sequence, timer); the key is
@@ -90,13 +96,18 @@ class ManualClock:
         """
         after = max(0, _nanoseconds(delay))
         due_at = self._wall + after
+        deadline = self._monotonic + after
         if due is not None:
             wanted = _nanoseconds(_finite(due, "due") - self._start)
-            # A due time computed as time() + delay in floats carries rounding
-            # errors: within them it is the same moment, so ties keep their order.
             if abs(wanted - due_at) > _rounding(due):
                 due_at = wanted
-        timer = _ManualTimer(self._monotonic + after, due_at, callback)
+            else:
+                # The same moment within float rounding (a delay computed as
+                # due - time() at a realistic epoch is off by up to ~100 ns):
+                # the wall time given is the exact one, so both clocks keep it.
+                deadline += wanted - due_at
+                due_at = wanted
+        timer = _ManualTimer(deadline, due_at, callback)
         with self._lock:
             heapq.heappush(self._timers, (self._fires_at(timer), next(self._sequence), timer))
         return timer
@@ -124,10 +135,11 @@ class ManualClock:
         Timers that fell due during a :meth:`suspend` or a :meth:`step` run
         first, in due order, at the current time.
         """
-        span = _nanoseconds(_non_negative(seconds, "seconds"))
+        span = _non_negative(seconds, "seconds")
         if self._running:
             raise RuntimeError("advance() cannot be called from inside a timer callback")
-        target = self._monotonic + span
+        self._elapsed += Fraction(span)
+        target = _nanoseconds(self._elapsed)
         same_instant = 0
         while (timer := self._pop_due(target)) is not None:
             moment = self._fires_at(timer)
@@ -144,7 +156,7 @@ class ManualClock:
         Nothing runs meanwhile; what fell due by wall time runs at the next
         :meth:`advance` (``advance(0)`` included).
         """
-        self._jump(_nanoseconds(_non_negative(seconds, "seconds")), "suspend")
+        self._jump(_non_negative(seconds, "seconds"), "suspend")
 
     def step(self, seconds: float) -> None:
         """Step the wall clock by ``seconds`` (either sign), as NTP does; monotonic time stays.
@@ -152,12 +164,13 @@ class ManualClock:
         Nothing runs meanwhile; what fell due by wall time runs at the next
         :meth:`advance`. A step back delays nothing: monotonic deadlines hold.
         """
-        self._jump(_nanoseconds(_finite(seconds, "seconds")), "step")
+        self._jump(_finite(seconds, "seconds"), "step")
 
-    def _jump(self, span: int, name: str) -> None:
+    def _jump(self, span: float, name: str) -> None:
         if self._running:
             raise RuntimeError(f"{name}() cannot be called from inside a timer callback")
-        self._wall += span
+        self._jumped += Fraction(span)
+        self._wall = self._monotonic + _nanoseconds(self._jumped)
         with self._lock:
             self._timers = [
                 (self._fires_at(timer), sequence, timer)
@@ -220,8 +233,8 @@ def _non_negative(value: float, name: str) -> float:
     return seconds
 
 
-def _nanoseconds(seconds: float) -> int:
-    """Seconds as whole nanoseconds: 0.1 is 100,000,000, so ten of them make a second."""
+def _nanoseconds(seconds: float | Fraction) -> int:
+    """Seconds as whole nanoseconds, rounded: 0.1 is 100,000,000."""
     numerator, denominator = seconds.as_integer_ratio()  # exact: no float product rounds
     return (2 * numerator * _NS + denominator) // (2 * denominator)
 
@@ -229,3 +242,69 @@ def _nanoseconds(seconds: float) -> int:
 def _rounding(wall: float) -> int:
     """Nanoseconds within which two float wall times near ``wall`` are the same moment."""
     return math.ceil(math.ulp(abs(wall) + 1.0) * 4 * _NS)
+
+
+class _ManualAlarm:
+    """A session's alarm on a ManualClock: setting it replaces its timer."""
+
+    __slots__ = ("_callback", "_clock", "_timer")
+
+    def __init__(self, clock: ManualClock, callback: Callable[[Any], None]) -> None:
+        self._clock = clock
+        self._callback: Callable[[Any], None] | None = callback
+        self._timer: _ManualTimer | None = None
+
+    def set(self, delay: float, due: float, payload: object) -> None:
+        callback = self._callback
+        if callback is None:
+            return
+        # A due time from a JWT's exp is exact; one computed as time() + delay
+        # is not, and the delay is: give the clock only the exact one.
+        exact_due = due if getattr(payload, "reason", None) == "exp" else None
+        timer = self._clock.call_later(delay, lambda: callback(payload), due=exact_due)
+        old, self._timer = self._timer, timer
+        if old is not None:
+            old.cancel()
+
+    def cancel(self) -> None:
+        self._callback = None
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+
+class ManualRuntime:
+    """A scheduler's runtime on a ManualClock: its timers, and work on the calling thread."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self._clock = clock
+
+    def time(self) -> float:
+        return self._clock.time()
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def fires_at(self, due: float, deadline: float) -> float:
+        return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
+
+    def alarm(self, callback: Callable[[Any], None]) -> _ManualAlarm:
+        return _ManualAlarm(self._clock, callback)
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        # get_access_token runs at once, as the seed calls it before its
+        # first await; what the refresh passes to then() runs after it returns.
+        self._clock.run_now(job)
+        return True
+
+    def then(self, work: Callable[[], None]) -> None:
+        self._clock.run_soon(work)
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> None:
+        return None  # calls run inline: nothing else runs while one hangs
+
+    def abandon(self, worker: threading.Thread) -> bool:  # pragma: no cover - never watched
+        return True
+
+    def close(self) -> list[threading.Thread]:
+        return []
