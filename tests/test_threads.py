@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from token_refresh import Scheduler, SchedulerClosedError, events
+from token_refresh import Scheduler, SchedulerClosedError
 from token_refresh._runtime import _SessionAlarm
 
 from conftest import ReraisingThread, make_jwt
@@ -394,7 +394,11 @@ class TestRefusedThreads:
         def refuse(alarm: object) -> None:
             raise RuntimeError("can't start new thread")
 
-        sched = Scheduler(lambda: calls.append("get") or "t", lambda s, t: None, timers="thread")
+        def get_access_token() -> str:
+            calls.append("get")
+            return "t"
+
+        sched = Scheduler(get_access_token, lambda s, t: None, timers="thread")
         monkeypatch.setattr(_SessionAlarm, "start", refuse)
         with pytest.raises(RuntimeError, match="existing timer is kept"):
             sched.schedule("s1", expiring_in(-1))

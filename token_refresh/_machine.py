@@ -105,9 +105,9 @@ class Step:
     """What one input does: the records it stores, then what the driver carries out."""
 
     session_id: str
-    session: Session | None | _Keep = KEEP
-    failures: int | None | _Keep = KEEP
-    delivery: Delivery | None | _Keep = KEEP
+    session: Session | _Keep | None = KEEP
+    failures: int | _Keep | None = KEEP
+    delivery: Delivery | _Keep | None = KEEP
     refreshes: int = 0
     failed: int = 0
     give_ups: int = 0
@@ -168,7 +168,7 @@ class Machine:
         reason: Reason,
         detail: dict[str, Any],
     ) -> Step:
-        """Replace the session's timer: refresh after ``delay``, or at once if it is not positive."""
+        """Replace the session's timer: refresh after ``delay``, or at once if not positive."""
         old = self.sessions.get(session_id)
         generation = next(self._generations)
         step = Step(session_id, then=self._retry_dropped(old))

@@ -169,9 +169,7 @@ OUTCOMES: dict[str, Line] = {
         ("error_type",),
     ),
     "cancelled": Line(events.Cancelled, DEBUG, None),
-    "dropped_at_shutdown": Line(
-        None, DEBUG, "Refresh for sessionId={session} dropped: shut down"
-    ),
+    "dropped_at_shutdown": Line(None, DEBUG, "Refresh for sessionId={session} dropped: shut down"),
     "forked": Line(
         None,
         WARNING,
@@ -254,9 +252,7 @@ class Reporter:
             return
         try:
             values = {name: fields[name] for name in line.fields if name in fields}
-            event = line.event(
-                session_id=session_id, label=self.label, time=self._now(), **values
-            )
+            event = line.event(session_id=session_id, label=self.label, time=self._now(), **values)
             self._send(event, working)
         except BaseException as error:  # a bad field or clock is ours to log, not to raise
             self.say("on_event_raised", error_type=type(error).__name__)

@@ -465,9 +465,7 @@ class HeapTimers:
             if self._thread_started or self._stopped:
                 return
             self._thread_started = True
-            thread = self._thread = threading.Thread(
-                target=self._run, name=self.name, daemon=True
-            )
+            thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         # Started outside the heap's lock, so it is parked in wait() at once: a
         # thread still starting when uWSGI forks (without Python's fork hooks)
         # was seen to leave the child waiting for the GIL for ever.

@@ -126,6 +126,70 @@ class _State:
                 else:
                     del self.hung[hung]
 
+    def apply(self, step: Step, *, refuse: bool = False) -> Step:
+        """Set the alarm ``step`` arms, then commit it (lock held).
+
+        A refused alarm (the OS out of threads) raises if ``refuse``, leaving
+        everything as it was; otherwise the chain ends there. Whatever raises,
+        the alarm keeps what the machine holds.
+        """
+        machine = self.machine
+        before = machine.sessions.get(step.session_id)
+        try:
+            if step.arm is not None:
+                try:
+                    _set(step)
+                except RuntimeError:
+                    if refuse:
+                        raise
+                    step = machine.alarm_refused(step)
+            machine.commit(step)
+        except BaseException:
+            if before is not None and before.armed is not None:
+                _set_for(before.alarm, before.armed)  # what it was set for before
+            raise
+        finally:
+            if step.release is not None and machine.sessions.get(step.session_id) is not before:
+                step.release.cancel()
+        if step.notify:
+            self.delivered.notify_all()
+        return step
+
+    def await_deliveries(self, session_ids: list[str], limit: float | None) -> bool:
+        """Wait (lock held) until the on_refresh calls now running for these sessions end.
+
+        Never from inside a callback or anywhere else on the scheduler's own
+        threads (a log handler there, say), which includes the thread that
+        delivers: waiting on ourselves, or on a callback waiting on us,
+        deadlocks. Returns False if one still runs.
+        """
+        deliveries = self.machine.deliveries
+        running = {
+            session_id: delivery
+            for session_id in session_ids
+            if (delivery := deliveries.get(session_id)) is not None
+        }
+
+        def done() -> bool:
+            return all(
+                (now := deliveries.get(session_id)) is None or now.generation != was.generation
+                for session_id, was in running.items()
+            )
+
+        if not running or self.inside():
+            return done()
+        return self.delivered.wait_for(done, limit)
+
+
+def _set(step: Step) -> None:
+    assert step.arm is not None
+    assert isinstance(step.session, Session)
+    _set_for(step.session.alarm, step.arm)
+
+
+def _set_for(alarm: Alarm, attempt: Attempt) -> None:
+    alarm.set(attempt.delay, attempt.due, attempt)
+
 
 @dataclass(frozen=True, slots=True)
 class _Options:
@@ -164,6 +228,234 @@ def _check_callables(**callbacks: object) -> None:
             continue
         if not callable(callback):
             raise TypeError(f"{name} must be callable" + (" or None" if name == "on_event" else ""))
+
+
+class _Refresher:
+    """The worker side of the driver: fetches, deliveries and reports, run as steps say."""
+
+    def __init__(
+        self,
+        get_access_token: Callable[[], str | None],
+        on_refresh: Callable[[str, str], None],
+        runtime: Runtime,
+        reporter: Reporter,
+        options: _Options,
+    ) -> None:
+        self._get_access_token = get_access_token
+        self._on_refresh = on_refresh
+        self._runtime = runtime
+        self._reporter = reporter
+        self._options = options
+
+    def carry_out(self, state: _State, step: Step) -> None:
+        """What a committed step says to do, in order (lock not held)."""
+        for command in step.then:
+            if isinstance(command, Report):
+                self._reporter.report(
+                    command.outcome, command.session_id, command.fields, state.working
+                )
+            elif isinstance(command, Fetch):
+                self.start(state, command.attempt, fired=False)
+            else:
+                self._deliver(state, command)
+
+    def start(self, state: _State, attempt: Attempt, *, fired: bool) -> None:
+        """Run the refresh on a worker (inline on a ManualClock); ``fired``: by its alarm."""
+        if not self._runtime.submit(lambda: self._refresh(state, attempt, fired)):
+            self._reporter.say("dropped_at_shutdown", attempt.session_id)
+
+    def _refresh(self, state: _State, attempt: Attempt, fired: bool) -> None:
+        """A worker's job: start the attempt if it is still wanted, then fetch."""
+        with state.working():
+            running = self._start(state, attempt, fired)
+            if running is None:
+                return  # cancelled or replaced before it started: never called
+            if running.session_id in state.hung:
+                self._reporter.say("still_hung", running.session_id)
+                self._complete(state, running, None, "hung")
+                return
+            self._fetch_bounded(state, running)
+
+    def _start(self, state: _State, attempt: Attempt, fired: bool) -> Attempt | None:
+        """Take the attempt off its alarm (if it fired) and report its start; None if stale."""
+        listening = self._reporter.listening()
+        due, lateness, trigger = self._lateness(attempt, fired) if listening else (0, 0, None)
+        if fired:
+            with state.lock:
+                step = state.apply(state.machine.fire(attempt, trigger or attempt.reason))
+            if not step.then:
+                return None
+            fetch = step.then[0]
+            assert isinstance(fetch, Fetch)
+            attempt = fetch.attempt
+        elif not state.machine.current(attempt):
+            # A read without the lock (one contended acquisition less per
+            # refresh); fetched() checks again under it.
+            return None
+        else:
+            attempt = replace(attempt, origin=attempt.origin or attempt.reason)
+        if listening:
+            fields = {"due": due, "lateness": lateness, "trigger": trigger}
+            fields["attempt"] = attempt.number
+            self._reporter.report("started", attempt.session_id, fields, state.working)
+        return attempt
+
+    def _lateness(self, attempt: Attempt, fired: bool) -> tuple[float, float, events.Trigger]:
+        """When the attempt was due, how late it starts, and what started it."""
+        runtime = self._runtime
+        now, early = runtime.time(), attempt.deadline - runtime.monotonic()
+        due = runtime.fires_at(attempt.due, attempt.deadline) if fired else attempt.due
+        lateness = max(0.0, now - due)
+        # Fired by wall time long before its monotonic deadline, and late: it fell
+        # due while the machine slept (or the clock stepped past it).
+        resumed = fired and early >= _RESUMED and lateness >= _RESUMED
+        return due, lateness, "resume" if resumed else attempt.reason
+
+    def _fetch_bounded(self, state: _State, attempt: Attempt) -> None:
+        """Call get_access_token, bounded by fetch_timeout, then complete the attempt."""
+        session_id = attempt.session_id
+        # Whoever acquires it first settles the attempt: this worker with a
+        # result, or the watchdog with a timeout. The other does nothing.
+        settled = threading.Lock()
+        worker = threading.current_thread()
+        timeout = self._options.fetch_timeout
+
+        def timed_out() -> None:
+            if not settled.acquire(blocking=False):  # pragma: no cover - a narrow race
+                return  # the call returned just before its watch was cancelled
+            state.count(stuck=1, hung=session_id)
+            replaced = self._runtime.abandon(worker)  # a new worker serves the others
+            # Settled here, on the watchdog's thread, so the retry is armed on
+            # time even if every worker hangs; reported (user code: on_event,
+            # log handlers) on a worker, so nothing can block the watchdog.
+            late = replace(attempt, duration=timeout or 0.0)
+            step = self._settle(state, late, None, "timeout")
+            self._runtime.submit(lambda: self._announce(state, step, replaced))
+
+        watch = None if timeout is None else self._runtime.watch(timeout, timed_out)
+        began = self._runtime.monotonic()
+        try:
+            with served_by_context() as served_by:
+                token, error, raised = self._fetch(state, session_id)
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if not settled.acquire(blocking=False):
+            state.count(stuck=-1, hung=session_id)
+            self._reporter.say("returned_late", session_id)
+            return
+        duration = max(0.0, self._runtime.monotonic() - began)
+        done = replace(attempt, duration=duration, served_by=served_by.value)
+        if raised:
+            # A synchronous throw in the seed: handled before anything queued.
+            self._complete(state, done, token, error)
+        else:
+            self._runtime.then(lambda: self._complete(state, done, token, error))
+
+    def _announce(self, state: _State, step: Step, replaced: bool) -> None:
+        with state.working():
+            if not replaced:
+                self._reporter.say("pool_full", stuck=state.stuck)
+            self.carry_out(state, step)
+
+    def _fetch(self, state: _State, session_id: str) -> tuple[str | None, str | None, bool]:
+        """Call get_access_token: the token (None if none), any error's type, and if it raised."""
+        state.count(running=1)
+        try:
+            with session_context(session_id):
+                token: object = self._get_access_token()
+        except BaseException as error:
+            # By type only: an exception's message may quote a token.
+            self._reporter.say("raised", session_id, error_type=type(error).__name__)
+            return None, type(error).__name__, True
+        finally:
+            state.count(running=-1)
+        if token is None or isinstance(token, str):
+            return token or None, None, False
+        self._reporter.say("not_a_token", session_id, error_type=type(token).__name__)
+        return None, type(token).__name__, False
+
+    def _complete(
+        self, state: _State, attempt: Attempt, token: str | None, error: str | None
+    ) -> None:
+        """Count a failure and arm its retry, or deliver the token (or hand it over)."""
+        with state.working():
+            self.carry_out(state, self._settle(state, attempt, token, error))
+
+    def _settle(
+        self, state: _State, attempt: Attempt, token: str | None, error: str | None
+    ) -> Step:
+        """Apply a refresh's result to the machine; no user code runs here."""
+        runtime = self._runtime
+        timeout = self._options.fetch_timeout
+        detail = {"timeout": timeout} if error in ("timeout", "hung") else {}
+        with state.lock:
+            step = state.machine.fetched(
+                attempt,
+                token,
+                error=error,
+                wall=runtime.time(),
+                monotonic=runtime.monotonic(),
+                detail=detail,
+            )
+            return state.apply(step)
+
+    def _deliver(self, state: _State, deliver: Deliver) -> None:
+        """Call on_refresh, then any newer result handed over meanwhile; arm the follow-up.
+
+        The delivery was marked by the step that said to deliver; the
+        ``finally`` unmarks it whatever on_refresh, on_event or a log handler
+        raised.
+        """
+        attempt, token = deliver.attempt, deliver.token
+        finished = False
+        try:
+            while True:
+                self._report_refreshed(state, attempt, token)
+                self._call_on_refresh(state, attempt.session_id, token)
+                runtime = self._runtime
+                with state.lock:
+                    step = state.machine.delivered(
+                        attempt, wall=runtime.time(), monotonic=runtime.monotonic()
+                    )
+                    step = state.apply(step)
+                    handed = [command for command in step.then if isinstance(command, Deliver)]
+                    finished = not handed
+                step.then = [command for command in step.then if isinstance(command, Report)]
+                self.carry_out(state, step)
+                if finished:
+                    return
+                attempt, token = handed[0].attempt, handed[0].token
+        finally:
+            if not finished:  # left by an exception: unmark all the same
+                with state.lock:
+                    machine = state.machine
+                    mine = machine.deliveries.get(attempt.session_id)
+                    if mine is not None and mine.generation == attempt.generation:
+                        state.apply(machine.abandon_delivery(attempt.session_id))
+
+    def _report_refreshed(self, state: _State, attempt: Attempt, token: str) -> None:
+        listening = self._reporter.listening()
+        fields = {
+            "token_fingerprint": fingerprint(token),
+            "trigger": attempt.origin or attempt.reason,
+            "attempts": attempt.number,
+            "fetch_duration": attempt.duration,
+            "expires_at": _expiry(token) if listening else None,
+            "served_by": attempt.served_by,
+        }
+        self._reporter.report("refreshed", attempt.session_id, fields, state.working)
+
+    def _call_on_refresh(self, state: _State, session_id: str, token: str) -> None:
+        state.count(running=1)
+        try:
+            with state.working():
+                self._on_refresh(session_id, token)
+        except BaseException as error:
+            fields = {"error_type": type(error).__name__}
+            self._reporter.report("callback_error", session_id, fields, state.working)
+        finally:
+            state.count(running=-1)
 
 
 class Scheduler:
@@ -237,8 +529,6 @@ class Scheduler:
             raise ValueError(f"timers must be 'thread' or 'heap', not {timers!r}")
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random or None, not {type(rng).__name__}")
-        self._get_access_token = get_access_token
-        self._on_refresh = on_refresh
         self._label = label
         self._rng = rng if rng is not None else random.Random()
         self._runtime: Runtime = (
@@ -247,6 +537,9 @@ class Scheduler:
             else ThreadRuntime(f"token-refresh-{label}", timers=timers, max_workers=max_workers)
         )
         self._reporter = Reporter(label, self._runtime.time, on_event)
+        self._refresher = _Refresher(
+            get_access_token, on_refresh, self._runtime, self._reporter, self._options
+        )
         self._closed = False
         self._threaded = clock is None  # real threads: the reaper runs while it is open
         self._fork_dropped = 0
@@ -440,9 +733,9 @@ class Scheduler:
         limit = wait_limit(timeout)
         state = self._current()
         with state.lock:
-            step = self._apply(state, state.machine.cancel(session_id))
-            done = self._await_deliveries(state, [session_id], limit)
-        self._carry_out(state, step)
+            step = state.apply(state.machine.cancel(session_id))
+            done = state.await_deliveries([session_id], limit)
+        self._refresher.carry_out(state, step)
         return done
 
     def cancel_all(self, timeout: float | timedelta | None = None) -> bool:
@@ -450,10 +743,10 @@ class Scheduler:
         limit = wait_limit(timeout)
         state = self._current()
         with state.lock:
-            steps = [self._apply(state, step) for step in state.machine.cancel_all()]
-            done = self._await_deliveries(state, list(state.machine.deliveries), limit)
+            steps = [state.apply(step) for step in state.machine.cancel_all()]
+            done = state.await_deliveries(list(state.machine.deliveries), limit)
         for step in steps:
-            self._carry_out(state, step)
+            self._refresher.carry_out(state, step)
         return done
 
     def close(self, timeout: float | timedelta | None = None) -> bool:
@@ -489,14 +782,14 @@ class Scheduler:
     def _close_steps(self, state: _State) -> list[Step]:
         """Cancel every session and mark the scheduler closed (lock held)."""
         steps = [] if self._closed else state.machine.cancel_all()
-        steps = [self._apply(state, step) for step in steps]
+        steps = [state.apply(step) for step in steps]
         self._closed = state.machine.closed = True
         return steps
 
     def _stop(self, state: _State, steps: list[Step]) -> list[threading.Thread]:
         """Report the cancels and stop the threads (lock released); return them to join."""
         for step in steps:
-            self._carry_out(state, step)
+            self._refresher.carry_out(state, step)
         if self._finalizer is not None:
             self._finalizer.detach()
         reaper.later(_nothing)  # the reaper's thread ends once no scheduler is open
@@ -526,32 +819,29 @@ class Scheduler:
         """Give the session a new generation and arm its alarm, or refresh at once."""
         state = self._state
         made: Alarm | None = None
+        step: Step | None = None
         try:
-            while True:
-                if state.machine.sessions.get(session_id) is None and made is None:
+            while step is None:
+                if made is None and session_id not in state.machine.sessions:
                     # A new session's alarm may start a thread: not under the lock.
                     made = self._runtime.alarm(self._fired)
                 with state.lock:
                     self._check_open()
                     session = state.machine.sessions.get(session_id)
                     alarm = made if session is None else session.alarm
-                    if alarm is None:
-                        continue  # the session ended meanwhile: make it an alarm
-                    step = self._plan(state, session_id, alarm, due, delay, reason, detail)
-                    self._apply(state, step, refuse=True)
-                    break
+                    if alarm is not None:  # else the session ended meanwhile: make it one
+                        step = self._plan(state, session_id, alarm, due, delay, reason, detail)
+                        state.apply(step, refuse=True)
+        except SchedulerClosedError:
+            raise
         except RuntimeError as error:
-            if isinstance(error, SchedulerClosedError):
-                raise
             raise RuntimeError(
                 f"cannot arm a refresh timer for session {session_label(session_id)!r} "
                 f"({error}); its existing timer is kept"
             ) from error
         finally:
-            session = state.machine.sessions.get(session_id)
-            if made is not None and (session is None or session.alarm is not made):
-                made.cancel()  # not published: nobody else would
-        self._carry_out(state, step)
+            _discard_unpublished(state, session_id, made)
+        self._refresher.carry_out(state, step)
 
     def _plan(
         self,
@@ -576,284 +866,19 @@ class Scheduler:
             detail=detail,
         )
 
-    def _apply(self, state: _State, step: Step, *, refuse: bool = False) -> Step:
-        """Set the alarm ``step`` arms, then commit it (lock held).
-
-        A refused alarm (the OS out of threads) raises if ``refuse``, leaving
-        everything as it was; otherwise the chain ends there. Whatever raises,
-        the alarm keeps what the machine holds.
-        """
-        machine = state.machine
-        before = machine.sessions.get(step.session_id)
-        try:
-            if step.arm is not None:
-                try:
-                    self._set(step)
-                except RuntimeError:
-                    if refuse:
-                        raise
-                    step = machine.alarm_refused(step)
-            machine.commit(step)
-        except BaseException:
-            if before is not None and before.armed is not None:
-                self._set_for(before.alarm, before.armed)  # what it was set for before
-            raise
-        finally:
-            if step.release is not None and machine.sessions.get(step.session_id) is not before:
-                step.release.cancel()
-        if step.notify:
-            state.delivered.notify_all()
-        return step
-
-    def _set(self, step: Step) -> None:
-        assert step.arm is not None and isinstance(step.session, Session)
-        self._set_for(step.session.alarm, step.arm)
-
-    @staticmethod
-    def _set_for(alarm: Alarm, attempt: Attempt) -> None:
-        alarm.set(attempt.delay, attempt.due, attempt)
-
-    def _carry_out(self, state: _State, step: Step) -> None:
-        """What a committed step says to do, in order (lock not held)."""
-        for command in step.then:
-            if isinstance(command, Report):
-                self._reporter.report(
-                    command.outcome, command.session_id, command.fields, state.working
-                )
-            elif isinstance(command, Fetch):
-                self._start_refresh(state, command.attempt, fired=False)
-            else:
-                self._deliver(state, command)
-
-    def _await_deliveries(self, state: _State, session_ids: list[str], limit: float | None) -> bool:
-        """Wait (lock held) until the on_refresh calls now running for these sessions end.
-
-        Never from inside a callback or anywhere else on the scheduler's own
-        threads (a log handler there, say), which includes the thread that
-        delivers: waiting on ourselves, or on a callback waiting on us,
-        deadlocks. Returns False if one still runs.
-        """
-        deliveries = state.machine.deliveries
-        running = {
-            session_id: delivery
-            for session_id in session_ids
-            if (delivery := deliveries.get(session_id)) is not None
-        }
-
-        def done() -> bool:
-            return all(
-                (now := deliveries.get(session_id)) is None or now.generation != was.generation
-                for session_id, was in running.items()
-            )
-
-        if not running or state.inside():
-            return done()
-        return state.delivered.wait_for(done, limit)
-
     # -- refreshing ---------------------------------------------------------
 
     def _fired(self, attempt: Attempt) -> None:
         # An alarm's thread: no lock here, thousands firing together would
         # queue on it. The worker checks that the refresh is still wanted.
-        self._start_refresh(self._state, attempt, fired=True)
+        self._refresher.start(self._state, attempt, fired=True)
 
-    def _start_refresh(self, state: _State, attempt: Attempt, *, fired: bool) -> None:
-        """Run the refresh on a worker (inline on a ManualClock); ``fired``: by its alarm."""
-        if not self._runtime.submit(lambda: self._refresh(state, attempt, fired)):
-            self._reporter.say("dropped_at_shutdown", attempt.session_id)
 
-    def _refresh(self, state: _State, attempt: Attempt, fired: bool) -> None:
-        """A worker's job: start the attempt if it is still wanted, then fetch."""
-        with state.working():
-            running = self._start(state, attempt, fired)
-            if running is None:
-                return  # cancelled or replaced before it started: never called
-            if running.session_id in state.hung:
-                self._reporter.say("still_hung", running.session_id)
-                self._complete(state, running, None, "hung")
-                return
-            self._fetch_bounded(state, running)
-
-    def _start(self, state: _State, attempt: Attempt, fired: bool) -> Attempt | None:
-        """Take the attempt off its alarm (if it fired) and report its start; None if stale."""
-        listening = self._reporter.listening()
-        due, lateness, trigger = self._lateness(attempt, fired) if listening else (0, 0, None)
-        if fired:
-            with state.lock:
-                step = self._apply(state, state.machine.fire(attempt, trigger or attempt.reason))
-            if not step.then:
-                return None
-            fetch = step.then[0]
-            assert isinstance(fetch, Fetch)
-            attempt = fetch.attempt
-        elif not state.machine.current(attempt):
-            # A read without the lock (one contended acquisition less per
-            # refresh); fetched() checks again under it.
-            return None
-        else:
-            attempt = replace(attempt, origin=attempt.origin or attempt.reason)
-        if listening:
-            fields = {"due": due, "lateness": lateness, "trigger": trigger}
-            fields["attempt"] = attempt.number
-            self._reporter.report("started", attempt.session_id, fields, state.working)
-        return attempt
-
-    def _lateness(self, attempt: Attempt, fired: bool) -> tuple[float, float, events.Trigger]:
-        """When the attempt was due, how late it starts, and what started it."""
-        runtime = self._runtime
-        now, early = runtime.time(), attempt.deadline - runtime.monotonic()
-        due = runtime.fires_at(attempt.due, attempt.deadline) if fired else attempt.due
-        lateness = max(0.0, now - due)
-        # Fired by wall time long before its monotonic deadline, and late: it fell
-        # due while the machine slept (or the clock stepped past it).
-        resumed = fired and early >= _RESUMED and lateness >= _RESUMED
-        return due, lateness, "resume" if resumed else attempt.reason
-
-    def _fetch_bounded(self, state: _State, attempt: Attempt) -> None:
-        """Call get_access_token, bounded by fetch_timeout, then complete the attempt."""
-        session_id = attempt.session_id
-        # Whoever acquires it first settles the attempt: this worker with a
-        # result, or the watchdog with a timeout. The other does nothing.
-        settled = threading.Lock()
-        worker = threading.current_thread()
-        timeout = self._options.fetch_timeout
-
-        def timed_out() -> None:
-            if not settled.acquire(blocking=False):  # pragma: no cover - a narrow race
-                return  # the call returned just before its watch was cancelled
-            state.count(stuck=1, hung=session_id)
-            replaced = self._runtime.abandon(worker)  # a new worker serves the others
-            # Settled here, on the watchdog's thread, so the retry is armed on
-            # time even if every worker hangs; reported (user code: on_event,
-            # log handlers) on a worker, so nothing can block the watchdog.
-            late = replace(attempt, duration=timeout or 0.0)
-            step = self._settle(state, late, None, "timeout")
-            self._runtime.submit(lambda: self._announce(state, step, replaced))
-
-        watch = None if timeout is None else self._runtime.watch(timeout, timed_out)
-        began = self._runtime.monotonic()
-        try:
-            with served_by_context() as served_by:
-                token, error, raised = self._fetch(state, session_id)
-        finally:
-            if watch is not None:
-                watch.cancel()
-        if not settled.acquire(blocking=False):
-            state.count(stuck=-1, hung=session_id)
-            self._reporter.say("returned_late", session_id)
-            return
-        duration = max(0.0, self._runtime.monotonic() - began)
-        done = replace(attempt, duration=duration, served_by=served_by.value)
-        if raised:
-            # A synchronous throw in the seed: handled before anything queued.
-            self._complete(state, done, token, error)
-        else:
-            self._runtime.then(lambda: self._complete(state, done, token, error))
-
-    def _announce(self, state: _State, step: Step, replaced: bool) -> None:
-        with state.working():
-            if not replaced:
-                self._reporter.say("pool_full", stuck=state.stuck)
-            self._carry_out(state, step)
-
-    def _fetch(self, state: _State, session_id: str) -> tuple[str | None, str | None, bool]:
-        """Call get_access_token: the token (None if none), any error's type, and if it raised."""
-        state.count(running=1)
-        try:
-            with session_context(session_id):
-                token: object = self._get_access_token()
-        except BaseException as error:
-            # By type only: an exception's message may quote a token.
-            self._reporter.say("raised", session_id, error_type=type(error).__name__)
-            return None, type(error).__name__, True
-        finally:
-            state.count(running=-1)
-        if token is None or isinstance(token, str):
-            return token or None, None, False
-        self._reporter.say("not_a_token", session_id, error_type=type(token).__name__)
-        return None, type(token).__name__, False
-
-    def _complete(
-        self, state: _State, attempt: Attempt, token: str | None, error: str | None
-    ) -> None:
-        """Count a failure and arm its retry, or deliver the token (or hand it over)."""
-        with state.working():
-            self._carry_out(state, self._settle(state, attempt, token, error))
-
-    def _settle(
-        self, state: _State, attempt: Attempt, token: str | None, error: str | None
-    ) -> Step:
-        """Apply a refresh's result to the machine; no user code runs here."""
-        runtime = self._runtime
-        timeout = self._options.fetch_timeout
-        detail = {"timeout": timeout} if error in ("timeout", "hung") else {}
-        with state.lock:
-            step = state.machine.fetched(
-                attempt,
-                token,
-                error=error,
-                wall=runtime.time(),
-                monotonic=runtime.monotonic(),
-                detail=detail,
-            )
-            return self._apply(state, step)
-
-    def _deliver(self, state: _State, deliver: Deliver) -> None:
-        """Call on_refresh, then any newer result handed over meanwhile; arm the follow-up.
-
-        The delivery was marked by the step that said to deliver; the
-        ``finally`` unmarks it whatever on_refresh, on_event or a log handler
-        raised.
-        """
-        attempt, token = deliver.attempt, deliver.token
-        finished = False
-        try:
-            while True:
-                self._report_refreshed(state, attempt, token)
-                self._call_on_refresh(state, attempt.session_id, token)
-                runtime = self._runtime
-                with state.lock:
-                    step = state.machine.delivered(
-                        attempt, wall=runtime.time(), monotonic=runtime.monotonic()
-                    )
-                    step = self._apply(state, step)
-                    handed = [command for command in step.then if isinstance(command, Deliver)]
-                    finished = not handed
-                step.then = [command for command in step.then if isinstance(command, Report)]
-                self._carry_out(state, step)
-                if finished:
-                    return
-                attempt, token = handed[0].attempt, handed[0].token
-        finally:
-            if not finished:  # left by an exception: unmark all the same
-                with state.lock:
-                    machine = state.machine
-                    mine = machine.deliveries.get(attempt.session_id)
-                    if mine is not None and mine.generation == attempt.generation:
-                        self._apply(state, machine.abandon_delivery(attempt.session_id))
-
-    def _report_refreshed(self, state: _State, attempt: Attempt, token: str) -> None:
-        listening = self._reporter.listening()
-        fields = {
-            "token_fingerprint": fingerprint(token),
-            "trigger": attempt.origin or attempt.reason,
-            "attempts": attempt.number,
-            "fetch_duration": attempt.duration,
-            "expires_at": _expiry(token) if listening else None,
-            "served_by": attempt.served_by,
-        }
-        self._reporter.report("refreshed", attempt.session_id, fields, state.working)
-
-    def _call_on_refresh(self, state: _State, session_id: str, token: str) -> None:
-        state.count(running=1)
-        try:
-            with state.working():
-                self._on_refresh(session_id, token)
-        except BaseException as error:
-            fields = {"error_type": type(error).__name__}
-            self._reporter.report("callback_error", session_id, fields, state.working)
-        finally:
-            state.count(running=-1)
+def _discard_unpublished(state: _State, session_id: str, made: Alarm | None) -> None:
+    """Cancel an alarm made for a session that did not get it: nobody else would."""
+    session = state.machine.sessions.get(session_id)
+    if made is not None and (session is None or session.alarm is not made):
+        made.cancel()
 
 
 def _same(delay: float) -> float:
