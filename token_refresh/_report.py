@@ -15,13 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import events
-from ._format import (
-    fingerprint,
-    format_duration,
-    format_instant,
-    format_seconds,
-    looks_like_credential,
-)
+from ._format import format_duration, format_instant, format_seconds, session_label
 
 _log = logging.getLogger("token_refresh")
 
@@ -182,7 +176,7 @@ OUTCOMES: dict[str, Line] = {
 
 # How a field is printed in a log line (anything else: str()).
 _FORMATS: dict[str, Callable[[Any], object]] = {
-    "session": lambda session_id: session_label(session_id),
+    "session": session_label,
     "delay": format_duration,
     "late": format_duration,
     "expires": format_instant,
@@ -191,11 +185,6 @@ _FORMATS: dict[str, Callable[[Any], object]] = {
     "floor": format_seconds,
     "timeout": format_seconds,
 }
-
-
-def session_label(session_id: str) -> str:
-    """A session id as logged and shown: a fingerprint if it looks like a credential."""
-    return fingerprint(session_id) if looks_like_credential(session_id) else session_id
 
 
 class _Text:

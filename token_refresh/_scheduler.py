@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from . import events
 from ._context import served_by_context, session_context
-from ._format import fingerprint
+from ._format import fingerprint, session_label
 from ._jwt import decode_jwt_expiry
 from ._machine import (
     MAX_REFRESH_FAILURES,
@@ -33,7 +33,7 @@ from ._machine import (
     Session,
     Step,
 )
-from ._report import Reporter, session_label
+from ._report import Reporter
 from ._runtime import Alarm, Runtime, ThreadRuntime, reaper
 from ._validate import at_least, count, require_str, seconds, wait_limit
 from .testing import ManualClock, ManualRuntime
