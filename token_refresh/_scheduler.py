@@ -8,6 +8,7 @@ starts a fetch on a worker, delivers a token, reports an outcome.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import threading
@@ -732,9 +733,15 @@ class Scheduler:
         require_str(session_id, "session_id")
         limit = wait_limit(timeout)
         state = self._current()
-        with state.lock:
+        deadline = _deadline(limit)
+        if not self._lock_within(state, deadline):
+            reaper.later(functools.partial(self.cancel, session_id))
+            return False
+        try:
             step = state.apply(state.machine.cancel(session_id))
-            done = state.await_deliveries([session_id], limit)
+            done = state.await_deliveries([session_id], _left(deadline))
+        finally:
+            state.lock.release()
         self._refresher.carry_out(state, step)
         return done
 
@@ -742,9 +749,15 @@ class Scheduler:
         """Cancel every session, as :meth:`cancel` does for one; False if an on_refresh runs on."""
         limit = wait_limit(timeout)
         state = self._current()
-        with state.lock:
+        deadline = _deadline(limit)
+        if not self._lock_within(state, deadline):
+            reaper.later(self.cancel_all)
+            return False
+        try:
             steps = [state.apply(step) for step in state.machine.cancel_all()]
-            done = state.await_deliveries(list(state.machine.deliveries), limit)
+            done = state.await_deliveries(list(state.machine.deliveries), _left(deadline))
+        finally:
+            state.lock.release()
         for step in steps:
             self._refresher.carry_out(state, step)
         return done
@@ -763,8 +776,8 @@ class Scheduler:
         """
         limit = wait_limit(timeout)
         state = self._current()
-        deadline = None if limit is None else time.monotonic() + limit
-        if not state.lock.acquire(timeout=-1 if limit is None else limit):
+        deadline = _deadline(limit)
+        if not self._lock_within(state, deadline):
             self._closed = True
             reaper.later(self._shut)  # interrupted inside our own lock: not here
             return False
@@ -776,7 +789,7 @@ class Scheduler:
         if state.inside():
             return False
         for thread in threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            thread.join(_left(deadline))
         return not any(thread.is_alive() for thread in threads)
 
     def _close_steps(self, state: _State) -> list[Step]:
@@ -801,6 +814,18 @@ class Scheduler:
         with state.lock:
             steps = self._close_steps(state)
         self._stop(state, steps)
+
+    def _lock_within(self, state: _State, deadline: float | None) -> bool:
+        """Take the lock by ``deadline``; False if a signal handler interrupted its holder.
+
+        A signal handler runs on the main thread between any two bytecodes,
+        perhaps while that thread holds this lock: a bounded wait returns
+        instead of deadlocking, and the caller leaves its work to the reaper's
+        thread. (A ManualClock's scheduler has no other thread: it just waits.)
+        """
+        if deadline is None or not self._threaded:
+            return state.lock.acquire()
+        return state.lock.acquire(timeout=_left(deadline) or 0.0)
 
     # -- scheduling ------------------------------------------------------------
 
@@ -879,6 +904,16 @@ def _discard_unpublished(state: _State, session_id: str, made: Alarm | None) -> 
     session = state.machine.sessions.get(session_id)
     if made is not None and (session is None or session.alarm is not made):
         made.cancel()
+
+
+def _deadline(limit: float | None) -> float | None:
+    """The monotonic moment a wait of ``limit`` seconds ends (None: never)."""
+    return None if limit is None else time.monotonic() + limit
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (None: for ever), never negative."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _same(delay: float) -> float:
