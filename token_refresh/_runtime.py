@@ -140,11 +140,19 @@ class _ClockWatcher:
     def __init__(self) -> None:
         self.after_fork()
 
-    def add(self, watched: _Watched) -> None:
-        with self._lock:
+    def add(self, watched: _Watched, *, wait: bool = True) -> bool:
+        """Watch for ``watched``; False if ``wait`` is False and the lock was busy.
+
+        A caller's thread passes ``wait=False``: a signal handler may have
+        interrupted the very thread that holds this process-wide lock, so it
+        never waits for it (the timer's own thread registers it then).
+        """
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
             self._watched.add(watched)
             if self._thread is not None:
-                return
+                return True
             # A step right after is seen, and so is one since a timer read the
             # clock (it registers from its own thread, perhaps after the step).
             wall, boot = _offsets()
@@ -152,11 +160,14 @@ class _ClockWatcher:
             self._thread = thread = threading.Thread(
                 target=self._run, name="token-refresh-clock-watch", daemon=True
             )
+        finally:
+            self._lock.release()
         try:
             thread.start()
         except RuntimeError:  # the OS refuses a thread: timers still keep monotonic time
             with self._lock:
                 self._thread = None
+        return True
 
     def discard(self, watched: _Watched) -> None:
         with self._lock:
@@ -291,9 +302,7 @@ class _SessionAlarm:
             self._wake.notify()
 
     def _run(self) -> None:
-        # Registered from its own thread: the clock watcher's process-wide lock
-        # is never taken on a caller's thread, where a signal handler may run.
-        self._owner.add(self)
+        self._owner.watch()
         with self._wake:
             while self._state != "done":
                 now = time.monotonic()
@@ -326,22 +335,34 @@ class ThreadTimers:
         self._started: weakref.WeakSet[_SessionAlarm] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._live = 0  # alarm threads started and not ended: watched while there are any
+        self._watched = False
 
     def add(self, alarm: _SessionAlarm) -> None:
+        """A new alarm, on the caller's thread: watched at once if the watcher's lock is free.
+
+        Registered before schedule() returns, so that no thread of ours is
+        still busy with it when a pre-fork server forks without Python's
+        fork hooks (uWSGI), which can leave a child waiting for the GIL.
+        """
         with self._lock:
             self._started.add(alarm)
             self._live += 1
-            first = self._live == 1
-        if first:
-            _watcher.add(self)
+            if not self._watched:
+                self._watched = _watcher.add(self, wait=False)
+
+    def watch(self) -> None:
+        """An alarm's thread started: register now if the caller could not."""
+        with self._lock:
+            if self._live and not self._watched:
+                self._watched = _watcher.add(self)
 
     def finished(self) -> None:
-        """An alarm's thread ended."""
+        """An alarm's thread ended (or never started)."""
         with self._lock:
             self._live -= 1
-            last = not self._live
-        if last:
-            _watcher.discard(self)
+            if not self._live and self._watched:
+                self._watched = False
+                _watcher.discard(self)
 
     def clock_jumped(self) -> None:
         with self._lock:
@@ -351,7 +372,12 @@ class ThreadTimers:
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
         alarm = _SessionAlarm(self, callback)
-        alarm.start()
+        self.add(alarm)
+        try:
+            alarm.start()
+        except RuntimeError:
+            self.finished()
+            raise
         return alarm
 
     def stop(self) -> list[threading.Thread]:
@@ -399,6 +425,12 @@ class _HeapAlarm:
             if old is not None:
                 old.cancel()
             self._entry = self._heap.arm(delay, functools.partial(self._callback, payload), due)
+        # The heap's thread starts with its first entry in place, so it waits for
+        # it at once: a thread woken again just after schedule() returns can be
+        # holding the GIL when a pre-fork server forks without Python's hooks
+        # (uWSGI), and that child then waits for the GIL for ever. Once only;
+        # RuntimeError if the OS refuses the thread (schedule() then raises).
+        self._heap.start()
 
     def cancel(self) -> None:
         with self._lock:
@@ -433,13 +465,16 @@ class HeapTimers:
         entry = _HeapEntry(self, callback, time.monotonic() + delay, due)
         fires_at = _fires_at(entry.deadline, due)
         with self._wakeup:
+            if self._watch_clock and not self._watched and not self._stopped:
+                # Never waiting on the caller's thread (see _ClockWatcher.add);
+                # if the watcher is busy, the heap's thread registers instead.
+                self._watched = _watcher.add(self, wait=False)
             heapq.heappush(self._heap, (fires_at, next(self._sequence), entry))
             if self._heap[0][2] is entry:
                 self._wakeup.notify()  # the new timer is due before the one being waited for
         return entry
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
-        self.start()
         return _HeapAlarm(self, callback)
 
     def clock_jumped(self) -> None:
@@ -508,10 +543,8 @@ class HeapTimers:
                     self._wakeup.wait()
                     continue
                 if self._watch_clock and not self._watched:
-                    # From this thread: the clock watcher's process-wide lock is
-                    # never taken on a caller's thread, where a signal handler may run.
-                    self._watched = True
-                    _watcher.add(self)
+                    # arm() found the watcher busy, and never waits on a caller's thread.
+                    self._watched = _watcher.add(self)
                 deadline, _, entry = self._heap[0]
                 if entry.callback is None:
                     heapq.heappop(self._heap)
@@ -737,6 +770,7 @@ class _Reaper:
 
     def after_fork(self) -> None:
         """Start empty in a child of fork() (no I/O)."""
+        self._pid = os.getpid()
         self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -749,7 +783,9 @@ class _Reaper:
         self._queue.put(None)
 
     def ensure(self, live: Callable[[], bool]) -> None:
-        """Have the thread running (a scheduler was made, on the caller's thread)."""
+        """Have the thread running (a scheduler made its first timer, on the caller's thread)."""
+        if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
+            self.after_fork()
         thread = self._thread
         if thread is not None and thread.is_alive():
             return

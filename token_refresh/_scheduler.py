@@ -548,7 +548,6 @@ class Scheduler:
         _live_schedulers.add(self)
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if clock is None:
-            reaper.ensure(_any_open)
             # Collected with no session left: a thread of ours stops the threads
             # (a live session's alarm keeps the scheduler alive, as a
             # threading.Timer would). The finalizer itself takes no lock.
@@ -850,6 +849,8 @@ class Scheduler:
                 if made is None and session_id not in state.machine.sessions:
                     # A new session's alarm may start a thread: not under the lock.
                     made = self._runtime.alarm(self._fired)
+                    if self._threaded:
+                        reaper.ensure(_any_open)
                 with state.lock:
                     self._check_open()
                     session = state.machine.sessions.get(session_id)
