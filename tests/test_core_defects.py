@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import token_refresh
@@ -770,10 +770,13 @@ class TestEpoch:
 Step = tuple[str, int, int]
 steps = st.lists(
     st.one_of(
-        st.tuples(st.just("jwt"), st.integers(0, 2), st.integers(0, 4000)),
+        # exps around now + refresh_buffer: refreshes due within the next minute, or at once
+        st.tuples(st.just("jwt"), st.integers(0, 2), st.integers(1799, 1809)),
         st.tuples(st.just("expires_in"), st.integers(0, 2), st.integers(0, 4000)),
         st.tuples(st.just("cancel"), st.integers(0, 2), st.just(0)),
-        st.tuples(st.just("advance"), st.just(0), st.integers(0, 2_000_000)),
+        st.tuples(st.just("advance"), st.just(0), st.integers(0, 2_000)),
+        # to a whole second (where a refresh for an integer exp falls due), then k more seconds
+        st.tuples(st.just("advance_to_second"), st.just(0), st.integers(0, 10)),
         st.tuples(st.just("fail_next"), st.just(0), st.just(0)),
     ),
     max_size=30,
@@ -799,7 +802,8 @@ def play(start: float, scenario: list[Step]) -> list[tuple[object, ...]]:
         calls.append(("deliver", round((clock.time() - start) * 1000), session_id, token))
 
     scheduler = Scheduler(get_access_token, on_refresh, clock=clock, refresh_buffer=1800)
-    for kind, session, amount in scenario:
+    for number, (kind, session, amount) in enumerate(scenario):
+        calls.append(("step", number))  # a call that comes late lands after the next step
         sid = f"s{session}"
         if kind == "jwt":
             exp = int(start) + now_ms // 1000 + amount + 1  # an integer exp, never 0
@@ -808,7 +812,9 @@ def play(start: float, scenario: list[Step]) -> list[tuple[object, ...]]:
             scheduler.schedule_from_expires_in(sid, amount)
         elif kind == "cancel":
             scheduler.cancel(sid)
-        elif kind == "advance":
+        elif kind in ("advance", "advance_to_second"):
+            if kind == "advance_to_second":
+                amount = -now_ms % 1000 + amount * 1000
             clock.advance(amount / 1000)
             now_ms += amount
         else:
@@ -825,6 +831,7 @@ class TestEpochMetamorphic:
         suppress_health_check=[HealthCheck.too_slow],
     )
     @given(steps)
+    @example([("advance", 0, 83_099), ("jwt", 0, 2606), ("advance_to_second", 0, 806)])  # the row
     def test_the_same_steps_make_the_same_calls_at_any_epoch(self, scenario: list[Step]) -> None:
         """Integer-millisecond steps make the same calls at the same offsets at 0 and at 1.8e9."""
         assert play(0.0, scenario) == play(1_800_000_000.0, scenario)
