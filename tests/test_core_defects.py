@@ -153,10 +153,11 @@ def finalizer_scenario(timers: str) -> None:
         holder = [Owner(timers, label)]
         owner = weakref.ref(holder[0])
         seen = 0
+        armed = False
 
         def on_line() -> None:
             nonlocal seen
-            if threading.current_thread() is main or owner() is None:
+            if not armed or threading.current_thread() is main or owner() is None:
                 return
             seen += 1
             if seen >= n:
@@ -166,8 +167,11 @@ def finalizer_scenario(timers: str) -> None:
         gc.disable()
         threading.settrace(line_tracer(on_line))
         try:
-            holder[0].scheduler.schedule_from_expires_in("s", 3600)
-            holder[0].scheduler.cancel("s")  # as Bridge.close_session does
+            target = holder[0]
+            target.scheduler.schedule_from_expires_in("s", 3600)
+            armed = True
+            target.scheduler.cancel("s")  # as Bridge.close_session does
+            del target  # now only the holder keeps the owner alive
             for thread in library_threads(label):
                 thread.join(5.0)
         finally:
@@ -177,15 +181,15 @@ def finalizer_scenario(timers: str) -> None:
         state["step"] = "gc.collect() on another thread"
         bounded(gc.collect, 5.0, f"gc.collect() after point {n}")
         assert owner() is None, f"point {n}: the dropped owner was never collected"
-        probe = [Owner(timers, f"probe{n}")]
-        collected = weakref.ref(probe[0])
-        probe.clear()
-        bounded(gc.collect, 5.0, f"a second gc.collect() after point {n}")
-        assert collected() is None, f"point {n}: gc.collect() no longer collects"
         state["step"] = "a new scheduler's schedule()"
         fresh = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label=f"fresh{n}")  # type: ignore[arg-type]
         bounded(lambda: fresh.schedule_from_expires_in("x", 3600), 5.0, f"schedule() after {n}")
         bounded(lambda: fresh.close(timeout=2), 5.0, f"close() after point {n}")
+        probe = [Owner(timers, f"probe{n}")]
+        collected = weakref.ref(probe[0])
+        probe.clear()
+        bounded(gc.collect, 5.0, f"a second gc.collect() after point {n}")
+        assert collected() is None, f"point {n}: gc.collect() no longer collects (a finalizer hangs)"
         if seen < n:  # every point of this run has been tried
             print(f"ok: {n - 1} points")
             return
