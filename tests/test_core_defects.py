@@ -111,8 +111,14 @@ def child_watchdog(seconds: float, state: dict[str, object]) -> None:
     """In a child: exit 3 with ``state`` printed if the scenario has not ended in ``seconds``."""
 
     def watch() -> None:
-        time.sleep(seconds)  # a watchdog, not a wait for something to happen
-        os.write(1, f"HUNG after {seconds}s at {state}\n".encode())
+        end = time.monotonic() + seconds
+        tick = threading.Event()
+        while time.monotonic() < end:  # a watchdog, not a wait for something to happen
+            step_end = state.get("deadline")
+            if isinstance(step_end, float) and time.monotonic() > step_end:
+                break
+            tick.wait(0.1)
+        os.write(1, f"HUNG at {state}\n".encode())
         os._exit(3)
 
     threading.Thread(target=watch, name="child-watchdog", daemon=True).start()
@@ -226,8 +232,11 @@ def signal_scenario(timers: str) -> None:
             a = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="a")  # type: ignore[arg-type]
             a.schedule_from_expires_in("a1", 3600)
             b = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="b")  # type: ignore[arg-type]
-            b.schedule_from_expires_in("b1", 7200)
+            if name == "cancel":  # else B's call arms its first timer
+                b.schedule_from_expires_in("b1", 7200)
             idle = [Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="idle")]  # type: ignore[arg-type]
+            idle[0].schedule_from_expires_in("i1", 3600)
+            idle[0].cancel("i1")  # idle now, after it had a timer
             seen = 0
             handled = False
 
@@ -239,6 +248,7 @@ def signal_scenario(timers: str) -> None:
                 handled = True
                 sys.settrace(None)
                 state["step"] = "A.close(timeout=0.5) in the handler"
+                state["deadline"] = time.monotonic() + 5.0
                 started = time.monotonic()
                 a.close(timeout=0.5)
                 closing = time.monotonic() - started
@@ -247,6 +257,7 @@ def signal_scenario(timers: str) -> None:
                 idle.clear()
                 gc.collect()
                 dropping = time.monotonic() - started
+                state["deadline"] = None
                 if closing > 1.5 or dropping > 1.0:
                     slow.append(f"{name} point {n}: close {closing:.2f}s, del {dropping:.2f}s")
 
