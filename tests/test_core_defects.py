@@ -28,7 +28,7 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -43,7 +43,8 @@ from conftest import START, Recorder, make_jwt
 LIBRARY = str(Path(token_refresh.__file__).parent)
 TESTS = str(Path(__file__).parent)
 SESSION = "sk-ant-si-" + make_jwt({"sub": "user", "exp": 1_900_000_000})
-BACKENDS = ["thread", "heap"]
+Backend = Literal["thread", "heap"]
+BACKENDS: list[Backend] = ["thread", "heap"]
 Tracer = Callable[[FrameType, str, Any], Any]
 
 
@@ -130,13 +131,13 @@ def child_watchdog(seconds: float, state: dict[str, object]) -> None:
 class Owner:
     """A daemon object that owns its scheduler and hands it its own bound methods."""
 
-    def __init__(self, timers: str, label: str) -> None:
+    def __init__(self, timers: Backend, label: str) -> None:
         self.delivered: list[str] = []
         self.scheduler = Scheduler(
             self.get_access_token,
             self.on_refresh,
             timers=timers,
-            label=label,  # type: ignore[arg-type]
+            label=label,
         )
 
     def get_access_token(self) -> str:
@@ -146,7 +147,7 @@ class Owner:
         self.delivered.append(session_id)
 
 
-def finalizer_scenario(timers: str) -> None:
+def finalizer_scenario(timers: Backend) -> None:
     """For each line n a library thread runs after an owner is dropped, collect there; then use."""
     state: dict[str, object] = {"n": 0}
     child_watchdog(40.0, state)
@@ -163,11 +164,11 @@ def finalizer_scenario(timers: str) -> None:
 
         def on_line() -> None:
             nonlocal seen
-            if not armed or threading.current_thread() is main or owner() is None:
+            if not armed or threading.current_thread() is main or owner() is None:  # noqa: B023 - called within the round
                 return
             seen += 1
-            if seen >= n:
-                holder.clear()
+            if seen >= n:  # noqa: B023 - called within the round
+                holder.clear()  # noqa: B023 - called within the round
                 gc.collect()  # the finalizer runs here, on the library's thread
 
         gc.disable()
@@ -181,21 +182,23 @@ def finalizer_scenario(timers: str) -> None:
             for thread in library_threads(label):
                 thread.join(5.0)
         finally:
-            threading.settrace(None)  # type: ignore[arg-type]
+            threading.settrace(None)
             gc.enable()
         holder.clear()
         state["step"] = "gc.collect() on another thread"
         bounded(gc.collect, 5.0, f"gc.collect() after point {n}")
         assert owner() is None, f"point {n}: the dropped owner was never collected"
         state["step"] = "a new scheduler's schedule()"
-        fresh = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label=f"fresh{n}")  # type: ignore[arg-type]
-        bounded(lambda: fresh.schedule_from_expires_in("x", 3600), 5.0, f"schedule() after {n}")
-        bounded(lambda: fresh.close(timeout=2), 5.0, f"close() after point {n}")
+        fresh = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label=f"fresh{n}")
+        bounded(lambda: fresh.schedule_from_expires_in("x", 3600), 5.0, f"schedule() after {n}")  # noqa: B023 - called within the round
+        bounded(lambda: fresh.close(timeout=2), 5.0, f"close() after point {n}")  # noqa: B023 - called within the round
         probe = [Owner(timers, f"probe{n}")]
         collected = weakref.ref(probe[0])
         probe.clear()
         bounded(gc.collect, 5.0, f"a second gc.collect() after point {n}")
-        assert collected() is None, f"point {n}: gc.collect() no longer collects (a finalizer hangs)"
+        assert collected() is None, (
+            f"point {n}: gc.collect() no longer collects (a finalizer hangs)"
+        )
         if seen < n:  # every point of this run has been tried
             print(f"ok: {n - 1} points")
             return
@@ -205,7 +208,7 @@ def finalizer_scenario(timers: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("timers", BACKENDS)
 class TestFinalizer:
-    def test_dropped_owner_collected_on_a_library_thread(self, timers: str) -> None:
+    def test_dropped_owner_collected_on_a_library_thread(self, timers: Backend) -> None:
         """An owner dropped and collected on a library thread leaves later schedulers working."""
         run_child("finalizer_scenario", timers, timeout=60)
 
@@ -213,7 +216,7 @@ class TestFinalizer:
 # -- 2. close() from a signal handler ---------------------------------------------------------
 
 
-def signal_scenario(timers: str) -> None:
+def signal_scenario(timers: Backend) -> None:
     """At each line of B's call, a 'handler' closes A and drops an idle scheduler, bounded."""
     state: dict[str, object] = {}
     child_watchdog(40.0, state)
@@ -229,12 +232,12 @@ def signal_scenario(timers: str) -> None:
         while True:
             n += 1
             state.update(operation=name, n=n, step="setup")
-            a = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="a")  # type: ignore[arg-type]
+            a = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="a")
             a.schedule_from_expires_in("a1", 3600)
-            b = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="b")  # type: ignore[arg-type]
+            b = Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="b")
             if name == "cancel":  # else B's call arms its first timer
                 b.schedule_from_expires_in("b1", 7200)
-            idle = [Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="idle")]  # type: ignore[arg-type]
+            idle = [Scheduler(lambda: "t", lambda s, t: None, timers=timers, label="idle")]
             idle[0].schedule_from_expires_in("i1", 3600)
             idle[0].cancel("i1")  # idle now, after it had a timer
             seen = 0
@@ -243,23 +246,23 @@ def signal_scenario(timers: str) -> None:
             def handler() -> None:
                 nonlocal seen, handled
                 seen += 1
-                if handled or seen < n:
+                if handled or seen < n:  # noqa: B023 - called within the round
                     return
                 handled = True
                 sys.settrace(None)
                 state["step"] = "A.close(timeout=0.5) in the handler"
                 state["deadline"] = time.monotonic() + 5.0
                 started = time.monotonic()
-                a.close(timeout=0.5)
+                a.close(timeout=0.5)  # noqa: B023 - called within the round
                 closing = time.monotonic() - started
                 state["step"] = "del idle; gc.collect() in the handler"
                 started = time.monotonic()
-                idle.clear()
+                idle.clear()  # noqa: B023 - called within the round
                 gc.collect()
                 dropping = time.monotonic() - started
                 state["deadline"] = None
                 if closing > 1.5 or dropping > 1.0:
-                    slow.append(f"{name} point {n}: close {closing:.2f}s, del {dropping:.2f}s")
+                    slow.append(f"{name} point {n}: close {closing:.2f}s, del {dropping:.2f}s")  # noqa: B023 - called within the round
 
             sys.settrace(line_tracer(handler))
             try:
@@ -280,7 +283,7 @@ def signal_scenario(timers: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("timers", BACKENDS)
 class TestSignalHandler:
-    def test_close_from_a_handler_returns_within_its_timeout(self, timers: str) -> None:
+    def test_close_from_a_handler_returns_within_its_timeout(self, timers: Backend) -> None:
         """close(timeout) and del of an idle scheduler in a handler return whatever B is doing."""
         run_child("signal_scenario", timers, timeout=60)
 
@@ -300,7 +303,7 @@ def tracing(on_line: Callable[[], None]) -> Iterator[None]:
 
 
 def interrupted(n: int, work: Callable[[], object]) -> bool:
-    """Run ``work`` with a KeyboardInterrupt at its n-th line inside token_refresh; True if it hit."""
+    """Run ``work``, interrupted at its n-th line inside token_refresh; True if it was."""
     seen = 0
 
     def on_line() -> None:
@@ -359,7 +362,7 @@ def consistency_problems(scheduler: Scheduler, clock: ManualClock, recorder: Rec
 class TestKeyboardInterrupt:
     @pytest.mark.parametrize("operation", list(OPERATIONS))
     def test_interrupt_anywhere_leaves_a_consistent_scheduler(self, operation: str) -> None:
-        """A KeyboardInterrupt at any line of a public call leaves no phantom, orphan or survivor."""
+        """A KeyboardInterrupt at any line of a call leaves no phantom, orphan or survivor."""
         failures: list[str] = []
         for n in range(1, 3000):
             clock = ManualClock(start=0.0)
@@ -368,11 +371,11 @@ class TestKeyboardInterrupt:
             scheduler.schedule("s", jwt_in(clock, 7200))  # the session the call replaces
             scheduler.schedule_from_expires_in("t", 5000)  # a bystander
             gc.collect()  # the last round's scheduler is finalized now, not inside the call
-            hit = interrupted(n, lambda: OPERATIONS[operation](scheduler, clock))
+            hit = interrupted(n, lambda: OPERATIONS[operation](scheduler, clock))  # noqa: B023 - called within the round
             found: list[str] = []
             try:  # on a helper thread: a lock the interrupt left held must not hang the suite
                 bounded(
-                    lambda: found.append(consistency_problems(scheduler, clock, recorder)),
+                    lambda: found.append(consistency_problems(scheduler, clock, recorder)),  # noqa: B023 - called within the round
                     5.0,
                     "the next calls (a lock left held?)",
                 )
@@ -399,10 +402,10 @@ class TestKeyboardInterrupt:
             )
             scheduler.schedule("s", jwt_in(None, 7200))
             gc.collect()  # the last round's scheduler is finalized now, not inside the call
-            hit = interrupted(n, lambda: OPERATIONS[operation](scheduler, None))
+            hit = interrupted(n, lambda: OPERATIONS[operation](scheduler, None))  # noqa: B023 - called within the round
             done: list[bool] = []
             try:
-                bounded(lambda: done.append(scheduler.cancel_all(timeout=5)), 8.0, "cancel_all()")
+                bounded(lambda: done.append(scheduler.cancel_all(timeout=5)), 8.0, "cancel_all()")  # noqa: B023 - called within the round
             except AssertionError as error:
                 failures.append(f"line {n}: {error} (a lock left held?)")
                 break
@@ -413,7 +416,7 @@ class TestKeyboardInterrupt:
             if alive:
                 failures.append(f"line {n}: {len(alive)} timer thread(s) outlive cancel_all()")
             try:
-                bounded(lambda: scheduler.close(timeout=5), 8.0, "close()")
+                bounded(lambda: scheduler.close(timeout=5), 8.0, "close()")  # noqa: B023 - called within the round
             except AssertionError as error:
                 failures.append(f"line {n}: {error} (a lock left held?)")
                 break
@@ -428,7 +431,7 @@ class TestKeyboardInterrupt:
 
 
 def fork_report(scheduler: Scheduler, seen: list[events.Event], log: io.StringIO) -> dict[str, Any]:
-    """In the child: how the scheduler's counters, events and log look once the callback returned."""
+    """In the child: the scheduler's counters, events and log once the callback returned."""
     events_before, log_before = len(seen), len(log.getvalue())
     running: list[int] = []
     pause = threading.Event()
@@ -452,7 +455,7 @@ def fork_report(scheduler: Scheduler, seen: list[events.Event], log: io.StringIO
 @pytest.mark.parametrize("timers", BACKENDS)
 @pytest.mark.parametrize("where", ["on_refresh", "get_access_token"])
 class TestForkInsideACallback:
-    def test_child_counters_events_and_log_stay_clean(self, where: str, timers: str) -> None:
+    def test_child_counters_events_and_log_stay_clean(self, where: str, timers: Backend) -> None:
         """A child forked inside a callback keeps running at 0 and logs no error or session id."""
         reader, writer = os.pipe()
         log = io.StringIO()
@@ -497,7 +500,7 @@ class TestForkInsideACallback:
             on_refresh,
             on_event=seen.append,
             timers=timers,
-            label="forker",  # type: ignore[arg-type]
+            label="forker",
         )
         try:
             scheduler.schedule(SESSION, jwt_in(None, 10))  # refreshes at once, on a worker
@@ -560,13 +563,10 @@ class Calls(Recorder):
         return None if self.clock is None else self.clock.time()
 
 
-def manual(
-    tokens: list[object] | None = None, **options: Any
-) -> tuple[Scheduler, ManualClock, Recorder]:
-    """A scheduler on a ManualClock at 0 whose get_access_token returns ``tokens`` first."""
+def manual(**options: Any) -> tuple[Scheduler, ManualClock, Recorder]:
+    """A scheduler with ``options`` on a ManualClock that starts at 0, and its Recorder."""
     clock = ManualClock(start=START0)
     recorder = Calls(clock)
-    recorder.tokens = list(tokens or [])
     scheduler = Scheduler(recorder.get_access_token, recorder.on_refresh, clock=clock, **options)
     return scheduler, clock, recorder
 
@@ -638,7 +638,7 @@ class TestDurationsThatLie:
     @pytest.mark.parametrize("option", [o for o in OPTIONS if o != "fetch_timeout"])
     def test_an_option_that_is_not_finite_is_refused(self, option: str, value: float) -> None:
         """A NaN or infinite duration option is refused with ValueError."""
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"finite|negative|range"):
             manual(**{option: value})
 
     @pytest.mark.parametrize(
@@ -673,7 +673,7 @@ class TestDurationsThatLie:
     def test_a_wait_is_refused_or_bounded_by_its_real_value(
         self, method: str, lie: type[timedelta]
     ) -> None:
-        """cancel/cancel_all/close(timeout=lying timedelta) is refused or waits only what it holds."""
+        """A wait given a lying timedelta is refused, or lasts only as long as it really holds."""
         entered, release = threading.Event(), threading.Event()
 
         def on_refresh(session_id: str, token: str) -> None:
@@ -742,7 +742,7 @@ def event_classes() -> list[type[events.Event]]:
 
 
 def an_event(kind: type[events.Event], session_id: str) -> events.Event:
-    samples: dict[str, object] = {
+    samples: dict[str, Any] = {
         "session_id": session_id,
         "label": "test",
         "time": START,
@@ -756,7 +756,7 @@ def an_event(kind: type[events.Event], session_id: str) -> events.Event:
         "failures": 3,
         "timeout": 60.0,
     }
-    fields = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    fields = {f.name for f in dataclasses.fields(kind)}
     return kind(**{name: value for name, value in samples.items() if name in fields})
 
 
@@ -767,7 +767,8 @@ class TestEventRepr:
         event = an_event(kind, SESSION)
         text = repr(event)
         assert kind.__name__ in text
-        assert SESSION not in text and "sk-ant-si-" not in text, text
+        assert SESSION not in text, text
+        assert "sk-ant-si-" not in text, text
         assert event.session_id == SESSION  # the field itself is the id
 
 
