@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import io
 import json
+import linecache
 import logging
 import math
 import os
@@ -52,11 +53,23 @@ def in_library(frame: FrameType) -> bool:
     return frame.f_code.co_filename.startswith(LIBRARY)
 
 
+def untouchable(frame: FrameType) -> bool:
+    """A line event no signal can land on: a bare ``try:`` (a NOP) or a ``with`` line.
+
+    The event for a ``with`` line also comes as its block exits, between the
+    block's cleanup range and the ``__exit__`` call, where the interpreter
+    checks for no signal; one raised there by a tracer leaves the lock held,
+    which a real Ctrl-C cannot do (nor can it land on a NOP).
+    """
+    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return text == "try:" or text.startswith("with ")
+
+
 def line_tracer(on_line: Callable[[], None]) -> Tracer:
     """A global trace function calling ``on_line`` at each line event inside token_refresh."""
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line":
+        if event == "line" and not untouchable(frame):
             on_line()
         return local
 
