@@ -288,13 +288,16 @@ class TestRuntimeEdges:
         assert "internal error in a timer or worker thread: RuntimeError" in caplog.text
         assert "sk-ant-si-" not in caplog.text
 
-    def test_refused_heap_thread_raises_from_alarm(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """If the heap's thread cannot start, alarm() raises and nothing is left running."""
+    def test_refused_heap_thread_raises_from_the_first_set(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The heap's thread starts with its first entry: if the OS refuses it, set() raises."""
         timers = HeapTimers("token-refresh-edge")
+        alarm = timers.alarm(lambda payload: None)
         with monkeypatch.context() as patch:
             patch.setattr(threading.Thread, "start", _refuse)
             with pytest.raises(RuntimeError):
-                timers.alarm(lambda payload: None)
+                alarm.set(60, time.time() + 60, None)
         assert timers.stop() == []
 
     def test_workers_survive_a_refused_thread_and_a_failing_job(

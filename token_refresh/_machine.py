@@ -93,9 +93,6 @@ class Deliver:
 class _Keep:
     """A record a step leaves as it is."""
 
-    def __repr__(self) -> str:
-        return "KEEP"
-
 
 KEEP: Final = _Keep()
 

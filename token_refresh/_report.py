@@ -8,9 +8,10 @@ the seed prints them. Nothing else in the package words an outcome.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,7 +232,11 @@ class Reporter:
         self._write(line.level, line.message, {"session": session_id, **fields})
 
     def report(
-        self, outcome: str, session_id: str, fields: dict[str, Any], working: Any = None
+        self,
+        outcome: str,
+        session_id: str,
+        fields: dict[str, Any],
+        working: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         """Write an outcome's log line and send its event; never raises."""
         line = OUTCOMES[outcome]
@@ -246,11 +251,9 @@ class Reporter:
         except BaseException as error:  # a bad field or clock is ours to log, not to raise
             self.say("on_event_raised", error_type=type(error).__name__)
 
-    def report_all(self, reports: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
-        for outcome, session_id, fields in reports:
-            self.report(outcome, session_id, fields)
-
-    def _send(self, event: events.Event, working: Any) -> None:
+    def _send(
+        self, event: events.Event, working: Callable[[], contextlib.AbstractContextManager[None]]
+    ) -> None:
         for observe in self.observers:
             try:
                 observe(event)
@@ -258,11 +261,8 @@ class Reporter:
                 self.say("observer_raised", error_type=type(error).__name__)
         if self.on_event is not None:
             try:
-                if working is None:
+                with working():
                     self.on_event(event)
-                else:
-                    with working():
-                        self.on_event(event)
             except BaseException as error:
                 self.say("on_event_raised", error_type=type(error).__name__)
 

@@ -98,6 +98,9 @@ class Runtime(Protocol):
     def close(self) -> list[threading.Thread]:
         """Stop everything: queued work is dropped; return the threads to join."""
 
+    def after_fork(self) -> None:
+        """Forget every thread and lock: a child of fork() has none of them (no I/O)."""
+
 
 # -- The clock watcher ----------------------------------------------------------
 
@@ -347,22 +350,29 @@ class ThreadTimers:
         with self._lock:
             self._started.add(alarm)
             self._live += 1
-            if not self._watched:
-                self._watched = _watcher.add(self, wait=False)
+            unwatched = not self._watched
+        if unwatched:
+            self._watched = _watcher.add(self, wait=False)
 
     def watch(self) -> None:
-        """An alarm's thread started: register now if the caller could not."""
-        with self._lock:
-            if self._live and not self._watched:
-                self._watched = _watcher.add(self)
+        """An alarm's thread started: register now if the caller could not.
+
+        No lock of ours is held while this thread waits for the watcher's.
+        """
+        if self._live and not self._watched:
+            self._watched = _watcher.add(self)
 
     def finished(self) -> None:
         """An alarm's thread ended (or never started)."""
         with self._lock:
             self._live -= 1
-            if not self._live and self._watched:
-                self._watched = False
-                _watcher.discard(self)
+            if self._live:
+                return
+            self._watched = False
+        _watcher.discard(self)
+        came_meanwhile = self._live > 0  # an alarm added while the lock was released
+        if came_meanwhile:
+            self._watched = _watcher.add(self)
 
     def clock_jumped(self) -> None:
         with self._lock:
@@ -488,11 +498,23 @@ class HeapTimers:
             self._cancelled = 0
             self._wakeup.notify()
 
-    def _unwatch(self) -> None:
-        """No timer left to fire early (lock held)."""
-        if self._watched:
-            self._watched = False
-            _watcher.discard(self)
+    def _watch(self, watch: bool) -> None:
+        """Register with the clock watcher, or leave it (the heap's thread, its lock held).
+
+        The heap's lock is released meanwhile: this thread never waits for the
+        watcher's process-wide lock while holding a lock a caller may need.
+        """
+        if not self._watch_clock or watch == self._watched:
+            return
+        self._watched = watch
+        self._wakeup.release()
+        try:
+            if watch:
+                _watcher.add(self)
+            else:
+                _watcher.discard(self)
+        finally:
+            self._wakeup.acquire()
 
     def start(self) -> None:
         """Start the heap's thread if nobody has (lock not held); RuntimeError if refused."""
@@ -539,12 +561,13 @@ class HeapTimers:
         with self._wakeup:
             while not self._stopped:
                 if not self._heap:
-                    self._unwatch()
-                    self._wakeup.wait()
+                    self._watch(False)
+                    if not self._heap:  # else an entry came while the lock was released
+                        self._wakeup.wait()
                     continue
                 if self._watch_clock and not self._watched:
-                    # arm() found the watcher busy, and never waits on a caller's thread.
-                    self._watched = _watcher.add(self)
+                    self._watch(True)  # arm() found the watcher busy: it never waits
+                    continue
                 deadline, _, entry = self._heap[0]
                 if entry.callback is None:
                     heapq.heappop(self._heap)
@@ -564,7 +587,7 @@ class HeapTimers:
                 finally:
                     del callback, entry  # an idle thread must not keep its scheduler alive
                     self._wakeup.acquire()
-            self._unwatch()
+            self._watch(False)
 
 
 # -- Workers ------------------------------------------------------------------
@@ -735,9 +758,9 @@ class ThreadRuntime:
         entry = watchdog.arm(min(timeout, threading.TIMEOUT_MAX), callback)
         try:
             watchdog.start()
-        except RuntimeError:
+        except RuntimeError:  # the OS refuses a thread: this call goes unwatched
             entry.cancel()
-            raise
+            return None
         return entry
 
     def abandon(self, worker: threading.Thread) -> bool:
@@ -779,7 +802,7 @@ class _Reaper:
         self._queue.put(work)
 
     def wake(self) -> None:
-        """A scheduler was closed: the thread ends if it was the last open one."""
+        """A scheduler was closed: the thread ends if that was the last open one."""
         self._queue.put(None)
 
     def ensure(self, live: Callable[[], bool]) -> None:

@@ -432,7 +432,10 @@ class _Refresher:
                 with state.lock:
                     machine = state.machine
                     mine = machine.deliveries.get(attempt.session_id)
-                    if mine is not None and mine.generation == attempt.generation:
+                    # Else it ended just before the exception (between two lines).
+                    if (
+                        mine is not None and mine.generation == attempt.generation
+                    ):  # pragma: no branch
                         state.apply(machine.abandon_delivery(attempt.session_id))
 
     def _report_refreshed(self, state: _State, attempt: Attempt, token: str) -> None:
@@ -669,8 +672,7 @@ class Scheduler:
         """Forget the parent's sessions, threads and locks; no logging, no I/O (fork hook)."""
         machine = self._state.machine
         self._fork_dropped = len(machine.sessions.keys() | machine.failures.keys())
-        if isinstance(self._runtime, ThreadRuntime):
-            self._runtime.after_fork()
+        self._runtime.after_fork()
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -793,7 +795,8 @@ class Scheduler:
 
     def _close_steps(self, state: _State) -> list[Step]:
         """Cancel every session and mark the scheduler closed (lock held)."""
-        steps = [] if self._closed else state.machine.cancel_all()
+        # The machine's flag, not ours: a close() left to the reaper set ours already.
+        steps = [] if state.machine.closed else state.machine.cancel_all()
         steps = [state.apply(step) for step in steps]
         self._closed = state.machine.closed = True
         return steps
@@ -804,7 +807,7 @@ class Scheduler:
             self._refresher.carry_out(state, step)
         if self._finalizer is not None:
             self._finalizer.detach()
-        reaper.later(_nothing)  # the reaper's thread ends once no scheduler is open
+        reaper.wake()  # its thread ends once no scheduler is open
         return self._runtime.close()
 
     def _shut(self) -> None:
@@ -919,10 +922,6 @@ def _left(deadline: float | None) -> float | None:
 
 def _same(delay: float) -> float:
     return delay
-
-
-def _nothing() -> None:
-    """Wakes the reaper, which ends once no scheduler is open."""
 
 
 def _any_open() -> bool:

@@ -308,3 +308,6 @@ class ManualRuntime:
 
     def close(self) -> list[threading.Thread]:
         return []
+
+    def after_fork(self) -> None:
+        pass  # nothing of a ManualClock's runs on another thread
