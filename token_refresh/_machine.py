@@ -318,6 +318,16 @@ class Machine:
             then=then,
         )
 
+    def rescue(self, attempt: Attempt, *, wall: float, monotonic: float) -> Step:
+        """A refresh due at once never started (an exception came first): arm it for now."""
+        session = self.sessions.get(attempt.session_id)
+        step = Step(attempt.session_id)
+        if session is None or session.generation != attempt.generation or session.armed:
+            return step  # replaced, cancelled, or armed again meanwhile
+        now = replace(attempt, delay=0.0, due=wall, deadline=monotonic)
+        step.session, step.arm = replace(session, armed=now), now
+        return step
+
     def cancel(self, session_id: str) -> Step:
         """Forget the session: its chain, its failures; a refresh in flight becomes stale."""
         session = self.sessions.get(session_id)
@@ -334,10 +344,9 @@ class Machine:
     def commit(self, step: Step) -> None:
         """Store what ``step`` planned: plain assignments, nothing that can raise between them."""
         session_id = step.session_id
-        if step.session is None:
-            self.sessions.pop(session_id, None)
-        elif not isinstance(step.session, _Keep):
-            self.sessions[session_id] = step.session
+        self.refreshes += step.refreshes
+        self.failed_attempts += step.failed
+        self.give_ups += step.give_ups
         if step.failures is None:
             self.failures.pop(session_id, None)
         elif not isinstance(step.failures, _Keep):
@@ -346,9 +355,11 @@ class Machine:
             self.deliveries.pop(session_id, None)
         elif not isinstance(step.delivery, _Keep):
             self.deliveries[session_id] = step.delivery
-        self.refreshes += step.refreshes
-        self.failed_attempts += step.failed
-        self.give_ups += step.give_ups
+        # Last: once the session's record is stored, the step is (the driver's test).
+        if step.session is None:
+            self.sessions.pop(session_id, None)
+        elif not isinstance(step.session, _Keep):
+            self.sessions[session_id] = step.session
 
     # -- helpers ---------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 _log = logging.getLogger("token_refresh")
@@ -64,6 +64,9 @@ class Alarm(Protocol):
         never starts a thread, takes only the alarm's own lock.
         """
 
+    def disarm(self) -> None:
+        """Fire nothing until set again (undone by the next set())."""
+
     def cancel(self) -> None:
         """Never fire again; a thread of its own ends."""
 
@@ -82,6 +85,9 @@ class Runtime(Protocol):
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
         """A new alarm that calls ``callback``; may start a thread (lock not held)."""
+
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        """Cancel every alarm ever set that is not in ``keep`` (the caller's lock held)."""
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Run ``job`` on a worker; False once closed (the job is dropped)."""
@@ -251,9 +257,11 @@ class _SessionAlarm:
         "_thread",
         "_wake",
         "_wakes_at",
+        "used",
     )
 
     def __init__(self, owner: ThreadTimers, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see sweep)
         self._owner = owner
         self._wake = threading.Condition(threading.Lock())
         # Monotonic: its delay's end, or its wall due time if that comes first.
@@ -273,6 +281,7 @@ class _SessionAlarm:
         return self._thread if self._thread.ident is not None else None
 
     def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
         deadline = time.monotonic() + delay
         with self._wake:
             if self._state == "done":
@@ -282,6 +291,11 @@ class _SessionAlarm:
             # Else it wakes before the deadline anyway and sees it: a follow-up
             # set in a storm costs no extra thread wake-up.
             self._wake_if_earlier()
+
+    def disarm(self) -> None:
+        with self._wake:
+            if self._state == "armed":
+                self._state, self._payload = "parked", None
 
     def cancel(self) -> None:
         with self._wake:
@@ -390,6 +404,13 @@ class ThreadTimers:
             raise
         return alarm
 
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        with self._lock:
+            alarms = list(self._started)
+        for alarm in alarms:
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
+
     def stop(self) -> list[threading.Thread]:
         """Cancel every alarm; return their threads to join."""
         with self._lock:
@@ -419,15 +440,17 @@ class _HeapEntry:
 class _HeapAlarm:
     """A session's alarm on a HeapTimers: setting it replaces its entry in the heap."""
 
-    __slots__ = ("_callback", "_entry", "_heap", "_lock")
+    __slots__ = ("__weakref__", "_callback", "_entry", "_heap", "_lock", "used")
 
     def __init__(self, heap: HeapTimers, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see sweep)
         self._heap = heap
         self._callback: Callable[[Any], None] | None = callback
         self._entry: Timer | None = None
         self._lock = threading.Lock()
 
     def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
         with self._lock:
             if self._callback is None:
                 return
@@ -441,6 +464,12 @@ class _HeapAlarm:
         # (uWSGI), and that child then waits for the GIL for ever. Once only;
         # RuntimeError if the OS refuses the thread (schedule() then raises).
         self._heap.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            entry, self._entry = self._entry, None
+        if entry is not None:
+            entry.cancel()
 
     def cancel(self) -> None:
         with self._lock:
@@ -469,6 +498,7 @@ class HeapTimers:
         self._thread: threading.Thread | None = None
         self._thread_started = False
         self._stopped = False
+        self._alarms: weakref.WeakSet[_HeapAlarm] = weakref.WeakSet()
 
     def arm(self, delay: float, callback: Callable[[], None], due: float = math.inf) -> Timer:
         """Run ``callback`` after ``delay``, or at wall time ``due`` if that comes first."""
@@ -485,7 +515,14 @@ class HeapTimers:
         return entry
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
-        return _HeapAlarm(self, callback)
+        alarm = _HeapAlarm(self, callback)
+        self._alarms.add(alarm)
+        return alarm
+
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        for alarm in list(self._alarms):
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
 
     def clock_jumped(self) -> None:
         with self._wakeup:
@@ -743,6 +780,9 @@ class ThreadRuntime:
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
         return self._timers.alarm(callback)
+
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        self._timers.sweep(keep)
 
     def submit(self, job: Callable[[], None]) -> bool:
         return self._workers.submit(job)

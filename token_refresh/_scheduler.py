@@ -137,23 +137,50 @@ class _State:
         machine = self.machine
         before = machine.sessions.get(step.session_id)
         try:
-            if step.arm is not None:
-                try:
-                    _set(step)
-                except RuntimeError:
-                    if refuse:
-                        raise
-                    step = machine.alarm_refused(step)
+            step = self._arm(step, refuse)
+            if step.release is not None:
+                step.release.disarm()  # undone below if the step is not stored
             machine.commit(step)
         except BaseException:
-            if before is not None and before.armed is not None:
+            stored = machine.sessions.get(step.session_id) is not before
+            if not stored and before is not None and before.armed is not None:
                 _set_for(before.alarm, before.armed)  # what it was set for before
             raise
-        finally:
-            if step.release is not None and machine.sessions.get(step.session_id) is not before:
-                step.release.cancel()
+        # Stored: an alarm no session needs ends (cancel_all() sweeps any an
+        # exception right here leaves behind).
+        if step.release is not None:
+            step.release.cancel()
         if step.notify:
             self.delivered.notify_all()
+        return step
+
+    def free_by(self, deadline: float | None, threaded: bool) -> bool:
+        """Whether the lock is free by ``deadline``; False if an interrupted frame holds it.
+
+        A signal handler runs on the main thread between any two bytecodes,
+        perhaps while that thread holds this lock: a bounded try returns
+        instead of deadlocking, and the caller leaves its work to the reaper's
+        thread. Taken and given back at once: the caller then holds it in a
+        ``with`` block, whose release nothing can skip. (A ManualClock's
+        scheduler has no other thread: it just waits.)
+        """
+        if deadline is None or not threaded:
+            return True
+        if not self.lock.acquire(timeout=_left(deadline) or 0.0):
+            return False
+        self.lock.release()
+        return True
+
+    def _arm(self, step: Step, refuse: bool) -> Step:
+        """Set the alarm ``step`` arms; if it is refused, the chain ends there (or raise)."""
+        if step.arm is None:
+            return step
+        try:
+            _set(step)
+        except RuntimeError:
+            if refuse:
+                raise
+            return self.machine.alarm_refused(step)
         return step
 
     def await_deliveries(self, session_ids: list[str], limit: float | None) -> bool:
@@ -735,14 +762,12 @@ class Scheduler:
         limit = wait_limit(timeout)
         state = self._current()
         deadline = _deadline(limit)
-        if not self._lock_within(state, deadline):
+        if not state.free_by(deadline, self._threaded):
             reaper.later(functools.partial(self.cancel, session_id))
             return False
-        try:
+        with state.lock:
             step = state.apply(state.machine.cancel(session_id))
             done = state.await_deliveries([session_id], _left(deadline))
-        finally:
-            state.lock.release()
         self._refresher.carry_out(state, step)
         return done
 
@@ -751,14 +776,12 @@ class Scheduler:
         limit = wait_limit(timeout)
         state = self._current()
         deadline = _deadline(limit)
-        if not self._lock_within(state, deadline):
+        if not state.free_by(deadline, self._threaded):
             reaper.later(self.cancel_all)
             return False
-        try:
-            steps = [state.apply(step) for step in state.machine.cancel_all()]
+        with state.lock:
+            steps = self._cancel_everything(state)
             done = state.await_deliveries(list(state.machine.deliveries), _left(deadline))
-        finally:
-            state.lock.release()
         for step in steps:
             self._refresher.carry_out(state, step)
         return done
@@ -778,14 +801,12 @@ class Scheduler:
         limit = wait_limit(timeout)
         state = self._current()
         deadline = _deadline(limit)
-        if not self._lock_within(state, deadline):
+        if not state.free_by(deadline, self._threaded):
             self._closed = True
             reaper.later(self._shut)  # interrupted inside our own lock: not here
             return False
-        try:
+        with state.lock:
             steps = self._close_steps(state)
-        finally:
-            state.lock.release()
         threads = self._stop(state, steps)
         if state.inside():
             return False
@@ -796,9 +817,15 @@ class Scheduler:
     def _close_steps(self, state: _State) -> list[Step]:
         """Cancel every session and mark the scheduler closed (lock held)."""
         # The machine's flag, not ours: a close() left to the reaper set ours already.
-        steps = [] if state.machine.closed else state.machine.cancel_all()
-        steps = [state.apply(step) for step in steps]
+        steps = [] if state.machine.closed else self._cancel_everything(state)
         self._closed = state.machine.closed = True
+        return steps
+
+    def _cancel_everything(self, state: _State) -> list[Step]:
+        """Cancel every session (lock held); then no alarm of ours is left set."""
+        steps = [state.apply(step) for step in state.machine.cancel_all()]
+        # An alarm an interrupted call left behind is reached here too.
+        self._runtime.sweep([session.alarm for session in state.machine.sessions.values()])
         return steps
 
     def _stop(self, state: _State, steps: list[Step]) -> list[threading.Thread]:
@@ -817,18 +844,6 @@ class Scheduler:
             steps = self._close_steps(state)
         self._stop(state, steps)
 
-    def _lock_within(self, state: _State, deadline: float | None) -> bool:
-        """Take the lock by ``deadline``; False if a signal handler interrupted its holder.
-
-        A signal handler runs on the main thread between any two bytecodes,
-        perhaps while that thread holds this lock: a bounded wait returns
-        instead of deadlocking, and the caller leaves its work to the reaper's
-        thread. (A ManualClock's scheduler has no other thread: it just waits.)
-        """
-        if deadline is None or not self._threaded:
-            return state.lock.acquire()
-        return state.lock.acquire(timeout=_left(deadline) or 0.0)
-
     # -- scheduling ------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -846,9 +861,9 @@ class Scheduler:
         """Give the session a new generation and arm its alarm, or refresh at once."""
         state = self._state
         made: Alarm | None = None
-        step: Step | None = None
+        planned: list[Step] = []
         try:
-            while step is None:
+            while not planned:
                 if made is None and session_id not in state.machine.sessions:
                     # A new session's alarm may start a thread: not under the lock.
                     made = self._runtime.alarm(self._fired)
@@ -859,8 +874,11 @@ class Scheduler:
                     session = state.machine.sessions.get(session_id)
                     alarm = made if session is None else session.alarm
                     if alarm is not None:  # else the session ended meanwhile: make it one
-                        step = self._plan(state, session_id, alarm, due, delay, reason, detail)
-                        state.apply(step, refuse=True)
+                        planned.append(
+                            self._plan(state, session_id, alarm, due, delay, reason, detail)
+                        )
+                        state.apply(planned[0], refuse=True)
+            self._refresher.carry_out(state, planned[0])
         except SchedulerClosedError:
             raise
         except RuntimeError as error:
@@ -868,9 +886,22 @@ class Scheduler:
                 f"cannot arm a refresh timer for session {session_label(session_id)!r} "
                 f"({error}); its existing timer is kept"
             ) from error
+        except BaseException:
+            # A refresh due at once that an exception kept from starting comes later.
+            self._rescue(state, planned)
+            raise
         finally:
             _discard_unpublished(state, session_id, made)
-        self._refresher.carry_out(state, step)
+
+    def _rescue(self, state: _State, planned: list[Step]) -> None:
+        runtime = self._runtime
+        for command in [command for step in planned for command in step.then]:
+            if isinstance(command, Fetch):
+                with state.lock:
+                    rescue = state.machine.rescue(
+                        command.attempt, wall=runtime.time(), monotonic=runtime.monotonic()
+                    )
+                    state.apply(rescue)
 
     def _plan(
         self,

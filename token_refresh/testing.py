@@ -6,8 +6,9 @@ import heapq
 import itertools
 import math
 import threading
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from fractions import Fraction
 from typing import Any
 
@@ -94,6 +95,10 @@ class ManualClock:
         ``due`` (wall time, Unix seconds) makes it run earlier if the wall
         clock reaches it first; by default it is now plus ``delay``.
         """
+        return self._push(self._timer(delay, callback, due))
+
+    def _timer(self, delay: float, callback: Callable[[], None], due: float | None) -> _ManualTimer:
+        """A timer for ``call_later``, not armed yet."""
         after = max(0, _nanoseconds(delay))
         due_at = self._wall + after
         deadline = self._monotonic + after
@@ -107,7 +112,10 @@ class ManualClock:
                 # the wall time given is the exact one, so both clocks keep it.
                 deadline += wanted - due_at
                 due_at = wanted
-        timer = _ManualTimer(deadline, due_at, callback)
+        return _ManualTimer(deadline, due_at, callback)
+
+    def _push(self, timer: _ManualTimer) -> _ManualTimer:
+        """Arm ``timer``."""
         with self._lock:
             heapq.heappush(self._timers, (self._fires_at(timer), next(self._sequence), timer))
         return timer
@@ -245,32 +253,45 @@ def _rounding(wall: float) -> int:
 
 
 class _ManualAlarm:
-    """A session's alarm on a ManualClock: setting it replaces its timer."""
+    """A session's alarm on a ManualClock: setting it arms a new timer and cancels the old ones.
 
-    __slots__ = ("_callback", "_clock", "_timer")
+    Every timer it makes is listed before it is armed and cancelled only after
+    the new one is, so an exception (``KeyboardInterrupt`` included) at any
+    point leaves at most the timers it knows of, all of which the next
+    ``set()`` or ``cancel()`` cancels.
+    """
+
+    __slots__ = ("__weakref__", "_callback", "_clock", "_timers", "used")
 
     def __init__(self, clock: ManualClock, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see ManualRuntime.sweep)
         self._clock = clock
         self._callback: Callable[[Any], None] | None = callback
-        self._timer: _ManualTimer | None = None
+        self._timers: list[_ManualTimer] = []
 
     def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
         callback = self._callback
         if callback is None:
             return
         # A due time from a JWT's exp is exact; one computed as time() + delay
         # is not, and the delay is: give the clock only the exact one.
         exact_due = due if getattr(payload, "reason", None) == "exp" else None
-        timer = self._clock.call_later(delay, lambda: callback(payload), due=exact_due)
-        old, self._timer = self._timer, timer
-        if old is not None:
+        timer = self._clock._timer(delay, lambda: callback(payload), exact_due)
+        self._timers.append(timer)
+        self._clock._push(timer)
+        for old in self._timers[:-1]:
             old.cancel()
+        del self._timers[:-1]
+
+    def disarm(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
 
     def cancel(self) -> None:
         self._callback = None
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        self.disarm()
+        self._timers.clear()
 
 
 class ManualRuntime:
@@ -278,6 +299,7 @@ class ManualRuntime:
 
     def __init__(self, clock: ManualClock) -> None:
         self._clock = clock
+        self._alarms: weakref.WeakSet[_ManualAlarm] = weakref.WeakSet()
 
     def time(self) -> float:
         return self._clock.time()
@@ -289,7 +311,14 @@ class ManualRuntime:
         return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
 
     def alarm(self, callback: Callable[[Any], None]) -> _ManualAlarm:
-        return _ManualAlarm(self._clock, callback)
+        alarm = _ManualAlarm(self._clock, callback)
+        self._alarms.add(alarm)
+        return alarm
+
+    def sweep(self, keep: Collection[object]) -> None:
+        for alarm in list(self._alarms):
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
 
     def submit(self, job: Callable[[], None]) -> bool:
         # get_access_token runs at once, as the seed calls it before its
