@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,29 @@ class TestInterrupted:
             sched.schedule_from_expires_in("s1", 600)
         assert sched.sessions() == frozenset()
         assert clock.pending == 0
+
+    def test_an_interrupt_before_an_immediate_refresh_starts_leaves_it_for_now(
+        self, clock: ManualClock, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refresh due at once that an interrupt kept from starting is armed for now instead."""
+        sched = Scheduler(
+            recorder.get_access_token, recorder.on_refresh, clock=clock, on_event=lambda e: None
+        )
+        original = Reporter.report
+
+        def interrupted(reporter: Reporter, outcome: str, *args: Any) -> None:
+            if outcome == "scheduled_now":
+                monkeypatch.setattr(Reporter, "report", original)
+                raise KeyboardInterrupt
+            original(reporter, outcome, *args)
+
+        monkeypatch.setattr(Reporter, "report", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sched.schedule("s1", make_jwt({"exp": START + 10}))  # within the buffer: at once
+        assert recorder.gets == []
+        assert sched.next_refresh_at("s1") == START
+        clock.advance(0)
+        assert recorder.deliveries == [(0.0, "s1", "access-token")]
 
 
 @pytest.fixture
@@ -115,6 +139,7 @@ class TestAlarms:
             threads.alarm(fired.append),
         ]
         for alarm in alarms:
+            alarm.set(3600, time.time() + 3600, "armed")
             alarm.cancel()
             alarm.cancel()  # twice is harmless
             alarm.set(0, time.time(), "late")
@@ -236,5 +261,28 @@ class TestReaper:
         newer = threading.Thread(target=lambda: None)
         reaper._thread = newer
         reaper.wake()
+        reaper.wake()  # more to do at its last look: it goes on, leaving the newer in place
         thread.join(WAIT)
         assert reaper._thread is newer
+
+
+class TestWatcherRegistration:
+    def test_an_alarm_added_while_the_last_one_ends_is_watched_again(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """If an alarm comes while the last one's thread leaves the watcher, it registers again."""
+        threads = ThreadTimers("token-refresh-race")
+        threads._live, threads._watched = 1, True
+        original = _watcher.discard
+
+        def discard_while_an_alarm_comes(watched: Any) -> None:
+            original(watched)
+            threads._live += 1  # as ThreadTimers.add() on a caller's thread, meanwhile
+
+        monkeypatch.setattr(_watcher, "discard", discard_while_an_alarm_comes)
+        threads.finished()
+        assert threads._watched is True
+        assert threads in set(_watcher._watched)
+        monkeypatch.undo()
+        threads.finished()  # the one that came ends too
+        assert threads not in set(_watcher._watched)
