@@ -110,11 +110,11 @@ class TestRefusedTimer:
     ) -> None:
         """If no timer can be armed (no threads left), schedule() raises and keeps the old one."""
 
-        def refuse(delay: float, callback: object, **due: object) -> None:
+        def refuse(timer: object) -> None:
             raise RuntimeError("can't start new thread")
 
         with monkeypatch.context() as patch:
-            patch.setattr(clock, "call_later", refuse)
+            patch.setattr(clock, "_push", refuse)  # the seam a scheduler's alarms arm through
             with pytest.raises(RuntimeError, match="cannot arm a refresh timer for session 's1'"):
                 armed.schedule("s1", make_jwt({"exp": START + 5000}))
             with pytest.raises(RuntimeError, match="existing timer is kept"):
@@ -134,14 +134,14 @@ class TestRefusedTimer:
         """A retry or follow-up that cannot be armed is logged as an error; the session ends."""
         recorder.tokens = [token]
         scheduler.schedule_from_expires_in("s1", 600)
-        original = clock.call_later
+        original = clock._push
 
-        def refuse(delay: float, callback: object, **due: object) -> None:
+        def refuse(timer: object) -> None:
             raise RuntimeError("can't start new thread")
 
-        monkeypatch.setattr(clock, "call_later", refuse)
+        monkeypatch.setattr(clock, "_push", refuse)  # the seam a scheduler's alarms arm through
         clock.advance(300)
-        monkeypatch.setattr(clock, "call_later", original)
+        monkeypatch.setattr(clock, "_push", original)
         assert scheduler.next_refresh_at("s1") is None
         assert any(
             r.levelname == "ERROR" and "refresh chain for sessionId=s1 stopped" in r.message

@@ -530,7 +530,7 @@ class TestFork:
         self, scheduler: Scheduler, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A child that inherited no sessions resets without a warning."""
-        scheduler._pid = -1  # as if forked
+        scheduler._state.pid = -1  # as if forked
         assert scheduler.sessions() == frozenset()
         assert caplog.records == []
 
@@ -551,7 +551,7 @@ class TestFork:
                 pass
 
         scheduler.schedule_from_expires_in("inherited", 600)
-        scheduler._pid = -1
+        scheduler._state.pid = -1
         monkeypatch.setattr(scheduler_module, "_fork_lock", OtherThreadWins())
         assert scheduler.sessions() == {"scheduled-by-the-winner"}
 
@@ -562,7 +562,7 @@ class TestFork:
         sched = Scheduler(recorder.get_access_token, recorder.on_refresh, clock=clock, label="uw")
         sched.schedule_from_expires_in("inherited", 600)
         sched.schedule_from_expires_in("also", 600)
-        sched._pid = -1  # as if this were a child forked with no Python at-fork hooks
+        sched._state.pid = -1  # as if this were a child forked with no Python at-fork hooks
         caplog.set_level(logging.WARNING, logger="token_refresh")
         assert sched.sessions() == frozenset()
         assert sched.sessions() == frozenset()

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from token_refresh import Scheduler, SchedulerClosedError, events
-from token_refresh._runtime import _SessionTimer
+from token_refresh import Scheduler, SchedulerClosedError
+from token_refresh._runtime import _SessionAlarm
 
 from conftest import ReraisingThread, make_jwt
 
@@ -381,134 +381,29 @@ class TestShutdownRaces:
 class TestRefusedThreads:
     """The thread backend starts a timer's thread outside the scheduler's lock."""
 
-    @pytest.mark.realclock
-    @pytest.mark.parametrize("hangs", [False, True])
-    def test_refused_retry_thread_is_reported_on_a_worker_after_the_failure(
-        self, monkeypatch: pytest.MonkeyPatch, hangs: bool
-    ) -> None:
-        """A retry whose thread is refused: RefreshFailed(final), then GaveUp, both on a worker.
-
-        With ``hangs`` the failure is a timeout, settled on the watchdog's
-        thread; user code (on_event) must still run on a worker, never there.
-        """
-        given_up, release = threading.Event(), threading.Event()
-        seen: list[tuple[str, str]] = []
-
-        def on_event(event: events.Event) -> None:
-            seen.append((type(event).__name__, threading.current_thread().name))
-            if isinstance(event, events.GaveUp):
-                given_up.set()
-
-        def get_access_token() -> str:
-            if hangs:
-                release.wait(WAIT)
-            raise ConnectionError("down")
-
-        def refuse(timer: object) -> None:
-            raise RuntimeError("can't start new thread")
-
-        sched = Scheduler(
-            get_access_token,
-            lambda s, t: None,
-            label="refused",
-            on_event=on_event,
-            fetch_timeout=0.1 if hangs else None,
-            timers="thread",
-        )
-        monkeypatch.setattr(_SessionTimer, "start", refuse)
-        try:
-            sched.schedule("s1", expiring_in(-1))  # refreshed at once, on a worker
-            wait_for(given_up, "the retry's refusal")
-        finally:
-            release.set()
-            assert sched.close(timeout=WAIT)
-        outcomes = [
-            (name, thread)
-            for name, thread in seen
-            if name in ("RefreshFailed", "RefreshTimedOut", "GaveUp")
-        ]
-        assert [name for name, _ in outcomes] == [
-            "RefreshTimedOut" if hangs else "RefreshFailed",
-            "GaveUp",
-        ]
-        assert all(thread.startswith("token-refresh-refused-worker") for _, thread in outcomes), (
-            seen
-        )
-        assert sched.sessions() == frozenset()
-
-    def test_refused_retry_thread_of_a_session_cancelled_meanwhile_gives_nothing_up(
+    def test_a_refused_alarm_thread_fails_schedule_and_changes_nothing(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Cancelled while its retry's thread is refused: the failure is reported, no GaveUp."""
-        failed = threading.Event()
-        seen: list[str] = []
-        sched: Scheduler
+        """A session's one timer thread starts in schedule(): if the OS refuses it, schedule raises.
 
-        def on_event(event: events.Event) -> None:
-            seen.append(type(event).__name__)
-            if isinstance(event, events.RefreshFailed):
-                failed.set()
+        Retries and follow-ups re-use that thread, so no refresh ever needs a
+        new one and a chain cannot end for want of a thread half-way.
+        """
+        calls: list[str] = []
 
-        starts = 0
-
-        def refuse(timer: object) -> None:
-            nonlocal starts
-            starts += 1  # 1: the follow-up's parked thread, in schedule(); 2: the retry
-            if starts == 2:
-                sched.cancel("s1")  # the session goes while its retry's thread is refused
+        def refuse(alarm: object) -> None:
             raise RuntimeError("can't start new thread")
 
         def get_access_token() -> str:
-            raise ConnectionError("down")
+            calls.append("get")
+            return "t"
 
-        sched = Scheduler(get_access_token, lambda s, t: None, on_event=on_event, timers="thread")
-        monkeypatch.setattr(_SessionTimer, "start", refuse)
-        try:
+        sched = Scheduler(get_access_token, lambda s, t: None, timers="thread")
+        monkeypatch.setattr(_SessionAlarm, "start", refuse)
+        with pytest.raises(RuntimeError, match="existing timer is kept"):
             sched.schedule("s1", expiring_in(-1))
-            wait_for(failed, "the failure")
-        finally:
-            assert sched.close(timeout=WAIT)
-        assert "GaveUp" not in seen
-        assert seen[-2:] == ["Cancelled", "RefreshFailed"]
-
-    @pytest.mark.parametrize("cancelled_meanwhile", [False, True])
-    def test_refused_follow_up_thread_ends_the_chain_loudly(
-        self,
-        monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture,
-        timer_backend: str,
-        cancelled_meanwhile: bool,
-    ) -> None:
-        """A follow-up whose thread the OS refuses ends the chain loudly, unless cancelled."""
-        if timer_backend != "thread":
-            pytest.skip("only the thread backend starts a thread per timer")
-        given_up, cancelled = threading.Event(), threading.Event()
-        seen: list[str] = []
-        sched: Scheduler
-
-        def on_event(event: events.Event) -> None:
-            seen.append(type(event).__name__)
-            if isinstance(event, events.GaveUp):
-                given_up.set()
-            if isinstance(event, events.Cancelled):
-                cancelled.set()
-
-        starts = 0
-
-        def refuse(timer: object) -> None:
-            nonlocal starts
-            starts += 1  # 1: the follow-up's parked thread, in schedule(); 2: the follow-up
-            if cancelled_meanwhile and starts == 2:
-                sched.cancel("s1")
-            raise RuntimeError("can't start new thread")
-
-        sched = Scheduler(lambda: "t", lambda s, t: None, refresh_buffer=0, on_event=on_event)
-        monkeypatch.setattr(_SessionTimer, "start", refuse)
-        sched.schedule("s1", expiring_in(-1))  # refreshed at once: no timer until the follow-up
-        wait_for(cancelled if cancelled_meanwhile else given_up, "the follow-up's refusal")
-        assert sched.close(timeout=WAIT)
-        if cancelled_meanwhile:
-            assert "GaveUp" not in seen
-        else:
-            assert "refresh chain for sessionId=s1 stopped" in caplog.text
+        with pytest.raises(RuntimeError, match="existing timer is kept"):
+            sched.schedule_from_expires_in("s2", 3600)
         assert sched.sessions() == frozenset()
+        assert sched.close(timeout=WAIT)
+        assert calls == []

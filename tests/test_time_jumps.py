@@ -416,7 +416,7 @@ class TestWatcherEdges:
         with monkeypatch.context() as patch:
             patch.setattr(threading.Thread, "start", refuse)
             with pytest.raises(RuntimeError, match="can't start new thread"):
-                timers.prepare(60, lambda: None, time.time() + 60)
+                timers.alarm(lambda payload: None)
         assert timers not in set(runtime._watcher._watched)
 
     @pytest.mark.realclock
@@ -426,16 +426,15 @@ class TestWatcherEdges:
     ) -> None:
         """Told of a jump, the thread backend fires what is due by wall time; parked timers wait."""
         timers = runtime.ThreadTimers("token-refresh-jump")
-        parked = timers.reserve()
-        timers.start(parked)
         fired, rearmed = threading.Event(), threading.Event()
-        armed = timers.arm(HOUR, fired.set, None, time.time() + HOUR)
-        timers.start(armed)
+        parked = timers.alarm(lambda payload: rearmed.set())
+        armed = timers.alarm(lambda payload: fired.set())
+        armed.set(HOUR, time.time() + HOUR, None)
         monkeypatch.setattr(runtime, "_wall", lambda: time.time() + 2 * HOUR)
         timers.clock_jumped()
         assert fired.wait(5)
-        assert isinstance(parked, runtime._SessionTimer)
-        assert parked.rearm(time.monotonic(), time.time(), rearmed.set)  # still parked
+        assert not rearmed.is_set()  # a parked alarm fires only once set
+        parked.set(0, time.time(), None)
         assert rearmed.wait(5)
         for thread in timers.stop():
             thread.join(5)

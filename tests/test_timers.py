@@ -22,8 +22,8 @@ WAIT = 10.0
 
 def call_later(timers: HeapTimers, delay: float, callback: Callable[[], None]) -> Timer:
     """Arm and start a timer, as the scheduler does in two steps around its lock."""
-    timer = timers.arm(delay, callback, None)
-    timers.start(timer)
+    timer = timers.arm(delay, callback)
+    timers.start()
     return timer
 
 
@@ -239,54 +239,65 @@ class TestMemory:
 @pytest.mark.realclock
 @pytest.mark.timeout(30)
 class TestRuntimeEdges:
-    def test_a_cancelled_timer_is_not_reused(self) -> None:
-        """Re-arming asks for a parked timer; a cancelled one yields a fresh timer."""
-        timers = ThreadTimers("token-refresh-edge")
-        old = timers.reserve()
-        old.cancel()
-        new = timers.arm(60, lambda: None, old)
-        assert new is not old
-        new.cancel()
-
-    def test_a_parked_timer_gives_up_after_its_limit(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A fired timer nobody re-arms ends its thread; a later re-arm makes a new timer."""
-        monkeypatch.setattr(runtime, "_PARK_LIMIT", 0.01)
+    def test_a_cancelled_alarm_is_never_set_again(self) -> None:
+        """A cancelled alarm ignores set() and its thread ends."""
         timers = ThreadTimers("token-refresh-edge")
         fired = threading.Event()
-        timer = timers.arm(0, fired.set, None)
-        timers.start(timer)
-        assert fired.wait(WAIT)
-        assert isinstance(timer, runtime._SessionTimer)
-        thread = timer.thread()
-        assert thread is not None
-        thread.join(WAIT)  # it gave up waiting to be re-armed
-        assert not thread.is_alive()
-        assert timers.arm(60, lambda: None, timer) is not timer
+        alarm = timers.alarm(lambda payload: fired.set())
+        alarm.cancel()
+        alarm.set(0, time.time(), None)
+        for thread in timers.stop():
+            thread.join(WAIT)
+            assert not thread.is_alive()
+        assert not fired.is_set()
+
+    def test_a_fired_alarm_parks_until_set_again(self) -> None:
+        """After firing, an alarm's thread waits to be set again, and fires again when it is."""
+        timers = ThreadTimers("token-refresh-edge")
+        fired: list[object] = []
+        first, second = threading.Event(), threading.Event()
+
+        def callback(payload: object) -> None:
+            fired.append(payload)
+            (first if len(fired) == 1 else second).set()
+
+        alarm = timers.alarm(callback)
+        assert isinstance(alarm, runtime._SessionAlarm)
+        alarm.set(0, time.time(), "first")
+        assert first.wait(WAIT)
+        assert not second.is_set()  # parked, not fired again
+        alarm.set(0, time.time(), "second")
+        assert second.wait(WAIT)
+        for thread in timers.stop():
+            thread.join(WAIT)
+        assert fired == ["first", "second"]
 
     def test_a_failing_timer_callback_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
-        """A bug in a timer callback is logged, not raised into the thread."""
+        """A bug in a timer callback is logged by type, not raised into the thread."""
         timers = ThreadTimers("token-refresh-edge")
         done = threading.Event()
 
-        def broken() -> None:
+        def broken(payload: object) -> None:
             done.set()
-            raise RuntimeError("bug")
+            raise RuntimeError("bug sk-ant-si-secret")
 
-        timer = timers.arm(0, broken, None)
-        timers.start(timer)
+        timers.alarm(broken).set(0, time.time(), None)
         assert done.wait(WAIT)
         for thread in timers.stop():
             thread.join(WAIT)
-        assert "internal error in a timer or worker thread" in caplog.text
+        assert "internal error in a timer or worker thread: RuntimeError" in caplog.text
+        assert "sk-ant-si-" not in caplog.text
 
-    def test_refused_heap_thread_cancels_the_timer(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """If the heap's thread cannot start, start() raises and the timer never fires."""
+    def test_refused_heap_thread_raises_from_the_first_set(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The heap's thread starts with its first entry: if the OS refuses it, set() raises."""
         timers = HeapTimers("token-refresh-edge")
-        timer = timers.arm(0, lambda: None, None)
+        alarm = timers.alarm(lambda payload: None)
         with monkeypatch.context() as patch:
             patch.setattr(threading.Thread, "start", _refuse)
             with pytest.raises(RuntimeError):
-                timers.start(timer)
+                alarm.set(60, time.time() + 60, None)
         assert timers.stop() == []
 
     def test_workers_survive_a_refused_thread_and_a_failing_job(

@@ -54,6 +54,11 @@ def looks_like_credential(value: str) -> bool:
     return "sk-ant-si-" in value or _JOSE_SHAPE.search(value) is not None
 
 
+def session_label(session_id: str) -> str:
+    """A session id as logs and reprs show it: a fingerprint if it looks like a credential."""
+    return fingerprint(session_id) if looks_like_credential(session_id) else session_id
+
+
 def format_seconds(value: float) -> str:
     """Print a number of seconds as JavaScript would: ``300``, not ``300.0``."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -18,20 +19,13 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from .testing import ManualClock
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 _log = logging.getLogger("token_refresh")
 
 #: Seconds that interpreter exit waits, in all, for refresh work already running.
 EXIT_GRACE = 1.0
-
-# A timer thread whose refresh is in flight waits this long to be re-armed
-# with the retry or follow-up before it gives up and exits.
-_PARK_LIMIT = 300.0
 
 # The clock watcher wakes this often (seconds), and calls a change of the wall
 # clock against the monotonic one larger than _JUMP a jump (a suspend, a step).
@@ -44,18 +38,41 @@ def _wall() -> float:
     return time.time()
 
 
-def _internal_error() -> None:
-    """Log a bug in the library's own callbacks (they report user errors themselves)."""
+def _internal_error(error: BaseException) -> None:
+    """Log a bug in the library's own callbacks (they report user errors themselves).
+
+    By type only, with no traceback: a message or a frame may quote a session id or a token.
+    """
     with contextlib.suppress(BaseException):  # a log handler that raises cannot stop a thread
-        _log.exception("[token_refresh] internal error in a timer or worker thread")
+        _log.error(
+            "[token_refresh] internal error in a timer or worker thread: %s",
+            type(error).__name__,
+        )
 
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
 
 
+class Alarm(Protocol):
+    """A session's timer, kept for the session's life and set again along its chain."""
+
+    def set(self, delay: float, due: float, payload: object) -> None:
+        """Fire ``callback(payload)`` after ``delay``, or at wall time ``due`` if that is first.
+
+        Replaces what it was set for. Called under the scheduler's lock:
+        never starts a thread, takes only the alarm's own lock.
+        """
+
+    def disarm(self) -> None:
+        """Fire nothing until set again (undone by the next set())."""
+
+    def cancel(self) -> None:
+        """Never fire again; a thread of its own ends."""
+
+
 class Runtime(Protocol):
-    """What a scheduler needs from the world: two clocks, timers and workers."""
+    """What a scheduler needs from the world: two clocks, alarms and workers."""
 
     def time(self) -> float:
         """Wall time, Unix seconds: decides when tokens expire."""
@@ -66,31 +83,11 @@ class Runtime(Protocol):
     def fires_at(self, due: float, deadline: float) -> float:
         """Wall time a timer fires that is due at ``due`` (wall) or ``deadline`` (monotonic)."""
 
-    def arm(
-        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
-    ) -> Timer:
-        """Arm ``callback`` after ``delay``, or at wall time ``due`` if that comes first.
+    def alarm(self, callback: Callable[[Any], None]) -> Alarm:
+        """A new alarm that calls ``callback``; may start a thread (lock not held)."""
 
-        Called under the caller's lock: never starts a thread. ``reuse`` is
-        the timer that started the refresh now arming its retry or follow-up;
-        a backend may re-arm it instead of making a new one.
-        """
-
-    def reserve(self) -> Timer | None:
-        """A timer for an immediate refresh to re-arm later, or None if the backend needs none."""
-
-    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer | None:
-        """A timer started but held (lock not held); None: arm() it under the lock instead.
-
-        The thread backend starts a timer's thread before the caller takes its
-        lock; it fires only once unhold() says the timer was published.
-        """
-
-    def unhold(self, timer: Timer) -> None:
-        """Let a timer from prepare() fire (it may be due already)."""
-
-    def start(self, timer: Timer) -> None:
-        """Start what arm() or reserve() made (lock released); RuntimeError if the OS refuses."""
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        """Cancel every alarm ever set that is not in ``keep`` (the caller's lock held)."""
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Run ``job`` on a worker; False once closed (the job is dropped)."""
@@ -107,11 +104,8 @@ class Runtime(Protocol):
     def close(self) -> list[threading.Thread]:
         """Stop everything: queued work is dropped; return the threads to join."""
 
-    def timer_threads(self) -> list[threading.Thread]:
-        """Stop the timers again (a finishing refresh may have armed one); their threads."""
-
     def after_fork(self) -> None:
-        """Forget every thread and lock: the child of a fork() has none of them."""
+        """Forget every thread and lock: a child of fork() has none of them (no I/O)."""
 
 
 # -- The clock watcher ----------------------------------------------------------
@@ -155,20 +149,34 @@ class _ClockWatcher:
     def __init__(self) -> None:
         self.after_fork()
 
-    def add(self, watched: _Watched) -> None:
-        with self._lock:
+    def add(self, watched: _Watched, *, wait: bool = True) -> bool:
+        """Watch for ``watched``; False if ``wait`` is False and the lock was busy.
+
+        A caller's thread passes ``wait=False``: a signal handler may have
+        interrupted the very thread that holds this process-wide lock, so it
+        never waits for it (the timer's own thread registers it then).
+        """
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
             self._watched.add(watched)
             if self._thread is not None:
-                return
-            self._last, self._lowest = _offsets(), math.inf  # a step right after is seen
+                return True
+            # A step right after is seen, and so is one since a timer read the
+            # clock (it registers from its own thread, perhaps after the step).
+            wall, boot = _offsets()
+            self._last, self._lowest = (min(wall, self._lowest), boot), math.inf
             self._thread = thread = threading.Thread(
                 target=self._run, name="token-refresh-clock-watch", daemon=True
             )
+        finally:
+            self._lock.release()
         try:
             thread.start()
         except RuntimeError:  # the OS refuses a thread: timers still keep monotonic time
             with self._lock:
                 self._thread = None
+        return True
 
     def discard(self, watched: _Watched) -> None:
         with self._lock:
@@ -229,13 +237,13 @@ def _fires_at(deadline: float, due: float) -> float:
 # -- Timers -------------------------------------------------------------------
 
 
-class _SessionTimer:
-    """One daemon thread that waits for a deadline, runs a callback, and can be re-armed.
+class _SessionAlarm:
+    """One daemon thread that waits for a deadline, runs a callback, and is set again.
 
-    After its callback ran it parks: the refresh it started re-arms it with
-    the retry or follow-up, so a refresh chain never waits for a new thread
-    to start (``Thread.start()`` waits a GIL switch for it, and a storm of
-    refreshes would serialise on that).
+    It lives as long as its session: after its callback ran it parks until the
+    refresh it started sets it for the retry or follow-up, so a refresh chain
+    never waits for a new thread to start (``Thread.start()`` waits a GIL
+    switch for it, and a storm of refreshes would serialise on that).
     """
 
     __slots__ = (
@@ -243,180 +251,173 @@ class _SessionTimer:
         "_callback",
         "_deadline",
         "_due",
-        "_held",
         "_owner",
+        "_payload",
         "_state",
         "_thread",
         "_wake",
         "_wakes_at",
+        "used",
     )
 
-    def __init__(
-        self,
-        owner: ThreadTimers,
-        deadline: float | None,
-        callback: Callable[[], None] | None,
-        *,
-        due: float = math.inf,
-        held: bool = False,
-    ) -> None:
+    def __init__(self, owner: ThreadTimers, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see sweep)
         self._owner = owner
-        self._held = held  # due, but waits for unhold()
         self._wake = threading.Condition(threading.Lock())
         # Monotonic: its delay's end, or its wall due time if that comes first.
-        self._deadline = None if deadline is None else _fires_at(deadline, due)
-        self._due = due
-        self._callback = callback
-        self._state = "armed" if callback is not None else "parked"  # or "done"
+        self._deadline = math.inf
+        self._due = math.inf
+        self._callback: Callable[[Any], None] | None = callback
+        self._payload: object = None
+        self._state = "parked"  # or "armed", "done"
         self._wakes_at = 0.0  # when the thread wakes by itself (monotonic)
         self._thread = threading.Thread(target=self._run, name=owner.name, daemon=True)
 
     def start(self) -> None:
-        if self._thread.ident is not None:
-            return  # re-armed: running already
-        self._owner.add(self)
-        try:
-            self._thread.start()  # RuntimeError if the OS refuses a thread
-        except RuntimeError:
-            self._owner.finished()
-            raise
+        """Start its thread, parked (lock not held); RuntimeError if the OS refuses one."""
+        self._thread.start()
 
     def thread(self) -> threading.Thread | None:
         return self._thread if self._thread.ident is not None else None
+
+    def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
+        deadline = time.monotonic() + delay
+        with self._wake:
+            if self._state == "done":
+                return
+            self._state, self._payload = "armed", payload
+            self._deadline, self._due = _fires_at(deadline, due), due
+            # Else it wakes before the deadline anyway and sees it: a follow-up
+            # set in a storm costs no extra thread wake-up.
+            self._wake_if_earlier()
+
+    def disarm(self) -> None:
+        with self._wake:
+            if self._state == "armed":
+                self._state, self._payload = "parked", None
 
     def cancel(self) -> None:
         with self._wake:
             self._state = "done"
             # Dropped once the lock is released: it may hold the last reference
-            # to its scheduler, whose finalizer stops (and so locks) every timer.
-            callback, self._callback = self._callback, None
+            # to its scheduler.
+            callback, self._callback, self._payload = self._callback, None, None
             self._wake.notify()
         del callback
-
-    def unhold(self) -> None:
-        with self._wake:
-            self._held = False
-            self._wake_if_earlier()  # waiting for unhold() past its deadline
-
-    def rearm(self, deadline: float, due: float, callback: Callable[[], None]) -> bool:
-        """Wait for ``deadline`` (or wall time ``due``) again, if parked and alive; else False."""
-        with self._wake:
-            if self._state != "parked":
-                return False
-            self._state, self._callback = "armed", callback
-            self._deadline, self._due = _fires_at(deadline, due), due
-            # Else it wakes before the deadline anyway and sees it: a follow-up
-            # re-armed in a storm costs no extra thread wake-up.
-            self._wake_if_earlier()
-            return True
 
     def clock_jumped(self) -> None:
         """The wall clock moved ahead (the clock watcher's call): wake if due sooner now."""
         with self._wake:
             if self._state == "armed":
-                assert self._deadline is not None
                 self._deadline = _fires_at(self._deadline, self._due)
                 self._wake_if_earlier()
 
     def _wake_if_earlier(self) -> None:
         """Wake the thread if it fires before it would wake by itself (lock held)."""
-        if self._deadline is not None and self._deadline < self._wakes_at:
+        if self._deadline < self._wakes_at:
             self._wake.notify()
 
     def _run(self) -> None:
+        self._owner.watch()
         with self._wake:
             while self._state != "done":
                 now = time.monotonic()
-                if self._state == "parked":
-                    self._wakes_at = now + _PARK_LIMIT
-                    if not self._wake.wait(_PARK_LIMIT) and self._state == "parked":
-                        self._state = "done"
-                    continue
-                assert self._deadline is not None
-                remaining = self._deadline - now
-                if self._held and remaining <= 0:
-                    self._wakes_at = math.inf
-                    self._wake.wait()  # due before it was published: until unhold()
-                    continue
+                remaining = self._deadline - now if self._state == "armed" else math.inf
                 if remaining > 0:
                     wait = min(remaining, threading.TIMEOUT_MAX)
                     self._wakes_at = now + wait
                     self._wake.wait(wait)
                     continue
-                callback, self._callback, self._state = self._callback, None, "parked"
+                callback, payload = self._callback, self._payload
+                self._state, self._payload = "parked", None
                 assert callback is not None
                 self._wake.release()
                 try:
-                    callback()
-                except BaseException:
-                    _internal_error()
+                    callback(payload)
+                except BaseException as error:
+                    _internal_error(error)
                 finally:
-                    del callback  # an idle thread must not keep its scheduler alive
+                    del callback, payload
                     self._wake.acquire()
         self._owner.finished()  # its lock released: the owner's lock comes first
 
 
 class ThreadTimers:
-    """One daemon thread per pending session, re-armed along its refresh chain."""
+    """One daemon thread per live session, set again along its refresh chain."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        # Every started timer not yet garbage: stop() cancels and joins parked ones too.
-        self._started: weakref.WeakSet[_SessionTimer] = weakref.WeakSet()
+        # Every started alarm not yet garbage: stop() cancels and joins them all.
+        self._started: weakref.WeakSet[_SessionAlarm] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._live = 0  # timer threads started and not ended: watched while there are any
+        self._live = 0  # alarm threads started and not ended: watched while there are any
+        self._watched = False
 
-    def add(self, timer: _SessionTimer) -> None:
+    def add(self, alarm: _SessionAlarm) -> None:
+        """A new alarm, on the caller's thread: watched at once if the watcher's lock is free.
+
+        Registered before schedule() returns, so that no thread of ours is
+        still busy with it when a pre-fork server forks without Python's
+        fork hooks (uWSGI), which can leave a child waiting for the GIL.
+        """
         with self._lock:
-            self._started.add(timer)
+            self._started.add(alarm)
             self._live += 1
-            if self._live == 1:
-                _watcher.add(self)
+            unwatched = not self._watched
+        if unwatched:
+            self._watched = _watcher.add(self, wait=False)
+
+    def watch(self) -> None:
+        """An alarm's thread started: register now if the caller could not.
+
+        No lock of ours is held while this thread waits for the watcher's.
+        """
+        if self._live and not self._watched:
+            self._watched = _watcher.add(self)
 
     def finished(self) -> None:
-        """A timer's thread ended (or never started)."""
+        """An alarm's thread ended (or never started)."""
         with self._lock:
             self._live -= 1
-            if not self._live:
-                _watcher.discard(self)
+            if self._live:
+                return
+            self._watched = False
+        _watcher.discard(self)
+        came_meanwhile = self._live > 0  # an alarm added while the lock was released
+        if came_meanwhile:
+            self._watched = _watcher.add(self)
 
     def clock_jumped(self) -> None:
         with self._lock:
-            timers = list(self._started)
-        for timer in timers:  # each under its own lock only, never under ours
-            timer.clock_jumped()
+            alarms = list(self._started)
+        for alarm in alarms:  # each under its own lock only, never under ours
+            alarm.clock_jumped()
 
-    def arm(
-        self,
-        delay: float,
-        callback: Callable[[], None],
-        reuse: Timer | None,
-        due: float = math.inf,
-    ) -> Timer:
-        deadline = time.monotonic() + delay
-        if isinstance(reuse, _SessionTimer) and reuse.rearm(deadline, due, callback):
-            return reuse
-        return _SessionTimer(self, deadline, callback, due=due)
+    def alarm(self, callback: Callable[[Any], None]) -> Alarm:
+        alarm = _SessionAlarm(self, callback)
+        self.add(alarm)
+        try:
+            alarm.start()
+        except RuntimeError:
+            self.finished()
+            raise
+        return alarm
 
-    def reserve(self) -> Timer:
-        return _SessionTimer(self, None, None)
-
-    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer:
-        timer = _SessionTimer(self, time.monotonic() + delay, callback, due=due, held=True)
-        timer.start()
-        return timer
-
-    def start(self, timer: Timer) -> None:
-        assert isinstance(timer, _SessionTimer)
-        timer.start()
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        with self._lock:
+            alarms = list(self._started)
+        for alarm in alarms:
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
 
     def stop(self) -> list[threading.Thread]:
-        """Cancel every timer, parked ones too; return their threads to join."""
+        """Cancel every alarm; return their threads to join."""
         with self._lock:
-            timers = list(self._started)
-        for timer in timers:
-            timer.cancel()
-        return [thread for timer in timers if (thread := timer.thread()) is not None]
+            alarms = list(self._started)
+        for alarm in alarms:
+            alarm.cancel()
+        return [thread for alarm in alarms if (thread := alarm.thread()) is not None]
 
 
 class _HeapEntry:
@@ -434,6 +435,47 @@ class _HeapEntry:
 
     def cancel(self) -> None:
         self.owner._cancel(self)
+
+
+class _HeapAlarm:
+    """A session's alarm on a HeapTimers: setting it replaces its entry in the heap."""
+
+    __slots__ = ("__weakref__", "_callback", "_entry", "_heap", "_lock", "used")
+
+    def __init__(self, heap: HeapTimers, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see sweep)
+        self._heap = heap
+        self._callback: Callable[[Any], None] | None = callback
+        self._entry: Timer | None = None
+        self._lock = threading.Lock()
+
+    def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
+        with self._lock:
+            if self._callback is None:
+                return
+            old, self._entry = self._entry, None
+            if old is not None:
+                old.cancel()
+            self._entry = self._heap.arm(delay, functools.partial(self._callback, payload), due)
+        # The heap's thread starts with its first entry in place, so it waits for
+        # it at once: a thread woken again just after schedule() returns can be
+        # holding the GIL when a pre-fork server forks without Python's hooks
+        # (uWSGI), and that child then waits for the GIL for ever. Once only;
+        # RuntimeError if the OS refuses the thread (schedule() then raises).
+        self._heap.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            entry, self._entry = self._entry, None
+        if entry is not None:
+            entry.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            entry, self._entry, self._callback = self._entry, None, None
+        if entry is not None:
+            entry.cancel()
 
 
 class HeapTimers:
@@ -456,32 +498,31 @@ class HeapTimers:
         self._thread: threading.Thread | None = None
         self._thread_started = False
         self._stopped = False
+        self._alarms: weakref.WeakSet[_HeapAlarm] = weakref.WeakSet()
 
-    def arm(
-        self,
-        delay: float,
-        callback: Callable[[], None],
-        reuse: Timer | None = None,
-        due: float = math.inf,
-    ) -> Timer:
+    def arm(self, delay: float, callback: Callable[[], None], due: float = math.inf) -> Timer:
+        """Run ``callback`` after ``delay``, or at wall time ``due`` if that comes first."""
         entry = _HeapEntry(self, callback, time.monotonic() + delay, due)
         fires_at = _fires_at(entry.deadline, due)
         with self._wakeup:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             if self._watch_clock and not self._watched and not self._stopped:
-                self._watched = True
-                _watcher.add(self)
+                # Never waiting on the caller's thread (see _ClockWatcher.add);
+                # if the watcher is busy, the heap's thread registers instead.
+                self._watched = _watcher.add(self, wait=False)
             heapq.heappush(self._heap, (fires_at, next(self._sequence), entry))
             if self._heap[0][2] is entry:
                 self._wakeup.notify()  # the new timer is due before the one being waited for
         return entry
 
-    def reserve(self) -> None:
-        return None
+    def alarm(self, callback: Callable[[Any], None]) -> Alarm:
+        alarm = _HeapAlarm(self, callback)
+        self._alarms.add(alarm)
+        return alarm
 
-    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> None:
-        return None
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        for alarm in list(self._alarms):
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
 
     def clock_jumped(self) -> None:
         with self._wakeup:
@@ -494,29 +535,40 @@ class HeapTimers:
             self._cancelled = 0
             self._wakeup.notify()
 
-    def _unwatch(self) -> None:
-        """No timer left to fire early (lock held)."""
-        if self._watched:
-            self._watched = False
-            _watcher.discard(self)
+    def _watch(self, watch: bool) -> None:
+        """Register with the clock watcher, or leave it (the heap's thread, its lock held).
 
-    def start(self, timer: Timer) -> None:
-        """Start the heap's thread if nobody has (lock not held); cancel ``timer`` if refused."""
+        The heap's lock is released meanwhile: this thread never waits for the
+        watcher's process-wide lock while holding a lock a caller may need.
+        """
+        if not self._watch_clock or watch == self._watched:
+            return
+        self._watched = watch
+        self._wakeup.release()
+        try:
+            if watch:
+                _watcher.add(self)
+            else:
+                _watcher.discard(self)
+        finally:
+            self._wakeup.acquire()
+
+    def start(self) -> None:
+        """Start the heap's thread if nobody has (lock not held); RuntimeError if refused."""
         with self._wakeup:
-            thread = None if self._thread_started else self._thread
+            if self._thread_started or self._stopped:
+                return
             self._thread_started = True
+            thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         # Started outside the heap's lock, so it is parked in wait() at once: a
         # thread still starting when uWSGI forks (without Python's fork hooks)
         # was seen to leave the child waiting for the GIL for ever.
-        if thread is None:
-            return
         try:
             thread.start()
         except RuntimeError:
             with self._wakeup:
                 self._thread = None
                 self._thread_started = False
-            timer.cancel()
             raise
 
     def _cancel(self, entry: _HeapEntry) -> None:
@@ -535,7 +587,6 @@ class HeapTimers:
         """Stop the timer thread (pending timers never fire); return it to join."""
         with self._wakeup:
             self._stopped = True
-            self._unwatch()
             dropped, self._heap = self._heap, []  # cleared after the lock, as in cancel()
             self._cancelled = 0
             self._wakeup.notify()
@@ -547,8 +598,12 @@ class HeapTimers:
         with self._wakeup:
             while not self._stopped:
                 if not self._heap:
-                    self._unwatch()
-                    self._wakeup.wait()
+                    self._watch(False)
+                    if not self._heap:  # else an entry came while the lock was released
+                        self._wakeup.wait()
+                    continue
+                if self._watch_clock and not self._watched:
+                    self._watch(True)  # arm() found the watcher busy: it never waits
                     continue
                 deadline, _, entry = self._heap[0]
                 if entry.callback is None:
@@ -564,11 +619,12 @@ class HeapTimers:
                 self._wakeup.release()  # never run a callback holding the heap's lock
                 try:
                     callback()
-                except BaseException:
-                    _internal_error()
+                except BaseException as error:
+                    _internal_error(error)
                 finally:
                     del callback, entry  # an idle thread must not keep its scheduler alive
                     self._wakeup.acquire()
+            self._watch(False)
 
 
 # -- Workers ------------------------------------------------------------------
@@ -627,8 +683,8 @@ class Workers:
                 self._running += 1
             try:
                 job()
-            except BaseException:
-                _internal_error()
+            except BaseException as error:
+                _internal_error(error)
             del job  # an idle worker must not keep its scheduler alive
             with self._cond:
                 self._running -= 1
@@ -722,23 +778,11 @@ class ThreadRuntime:
         by_deadline = _wall() + (deadline - time.monotonic())
         return by_deadline if by_deadline < due - _JUMP else due
 
-    def arm(
-        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
-    ) -> Timer:
-        return self._timers.arm(delay, callback, reuse, due)
+    def alarm(self, callback: Callable[[Any], None]) -> Alarm:
+        return self._timers.alarm(callback)
 
-    def reserve(self) -> Timer | None:
-        return self._timers.reserve()
-
-    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> Timer | None:
-        return self._timers.prepare(delay, callback, due)
-
-    def unhold(self, timer: Timer) -> None:
-        assert isinstance(timer, _SessionTimer)
-        timer.unhold()
-
-    def start(self, timer: Timer) -> None:
-        self._timers.start(timer)
+    def sweep(self, keep: Collection[Alarm]) -> None:
+        self._timers.sweep(keep)
 
     def submit(self, job: Callable[[], None]) -> bool:
         return self._workers.submit(job)
@@ -752,7 +796,11 @@ class ThreadRuntime:
                 self._watchdog = HeapTimers(f"{self._name}-watchdog", watch_clock=False)
             watchdog = self._watchdog
         entry = watchdog.arm(min(timeout, threading.TIMEOUT_MAX), callback)
-        watchdog.start(entry)
+        try:
+            watchdog.start()
+        except RuntimeError:  # the OS refuses a thread: this call goes unwatched
+            entry.cancel()
+            return None
         return entry
 
     def abandon(self, worker: threading.Thread) -> bool:
@@ -766,62 +814,71 @@ class ThreadRuntime:
             threads += watchdog.stop()
         return threads + self._timers.stop()
 
-    def timer_threads(self) -> list[threading.Thread]:
-        return self._timers.stop()
+
+# -- The reaper -----------------------------------------------------------------
 
 
-class ManualRuntime:
-    """Everything inline on a ManualClock: its timers, and work on the calling thread."""
+class _Reaper:
+    """Closes the runtimes of schedulers collected without close(), on a thread of its own.
 
-    def __init__(self, clock: ManualClock) -> None:
-        self._clock = clock
+    A ``weakref.finalize`` callback runs on whatever thread the garbage
+    collector interrupted, between any two bytecodes, perhaps while that thread
+    holds a lock the close would take: so the finalizer only puts the runtime
+    on a ``SimpleQueue`` (documented as safe there), and this thread closes it.
+    It runs while any scheduler with real threads is open, and ends after.
+    """
 
-    def time(self) -> float:
-        return self._clock.time()
-
-    def monotonic(self) -> float:
-        return self._clock.monotonic()
-
-    def fires_at(self, due: float, deadline: float) -> float:
-        return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
-
-    def arm(
-        self, delay: float, callback: Callable[[], None], reuse: Timer | None, due: float
-    ) -> Timer:
-        return self._clock.call_later(delay, callback, due=due)
-
-    def reserve(self) -> None:
-        return None
-
-    def prepare(self, delay: float, callback: Callable[[], None], due: float) -> None:
-        return None
-
-    def unhold(self, timer: Timer) -> None:  # pragma: no cover - prepare() gives none
-        pass
-
-    def start(self, timer: Timer) -> None:
-        pass
-
-    def submit(self, job: Callable[[], None]) -> bool:
-        # get_access_token runs at once, as the seed calls it before its
-        # first await; what the refresh passes to then() runs after it returns.
-        self._clock.run_now(job)
-        return True
-
-    def then(self, work: Callable[[], None]) -> None:
-        self._clock.run_soon(work)
-
-    def watch(self, timeout: float, callback: Callable[[], None]) -> None:
-        return None  # calls run inline: nothing else runs while one hangs
-
-    def abandon(self, worker: threading.Thread) -> bool:  # pragma: no cover - never watched
-        return True
-
-    def close(self) -> list[threading.Thread]:
-        return []
-
-    def timer_threads(self) -> list[threading.Thread]:
-        return []
+    def __init__(self) -> None:
+        self.after_fork()
 
     def after_fork(self) -> None:
-        pass
+        """Start empty in a child of fork() (no I/O)."""
+        self._pid = os.getpid()
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def later(self, work: Callable[[], object]) -> None:
+        """For a finalizer or a signal handler: takes no lock and never blocks."""
+        self._queue.put(work)
+
+    def wake(self) -> None:
+        """A scheduler was closed: the thread ends if that was the last open one."""
+        self._queue.put(None)
+
+    def ensure(self, live: Callable[[], bool]) -> None:
+        """Have the thread running (a scheduler made its first timer, on the caller's thread)."""
+        if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
+            self.after_fork()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        self._thread = thread = threading.Thread(
+            target=self._run, args=(live,), name="token-refresh-reaper", daemon=True
+        )
+        thread.start()
+
+    def _run(self, live: Callable[[], bool]) -> None:
+        me = threading.current_thread()
+        while True:
+            work = self._queue.get()
+            if work is not None:
+                try:
+                    work()
+                except BaseException as error:
+                    _internal_error(error)
+            del work  # a closed runtime must not linger here
+            if live():
+                continue
+            # Cleared before the last look, so that a scheduler made meanwhile
+            # either is seen here or starts a thread of its own.
+            if self._thread is me:
+                self._thread = None
+            if not live() and self._queue.empty():
+                return
+            if self._thread is None:
+                self._thread = me
+
+
+reaper = _Reaper()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=reaper.after_fork)

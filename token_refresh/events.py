@@ -11,8 +11,10 @@ and, for a :class:`~token_refresh.shared.SharedToken`, who fetched the token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
+
+from ._format import session_label
 
 #: What made a refresh attempt start: the token's ``exp``, an ``expires_in``,
 #: a ``retry`` after a failure, the ``follow_up`` after a success, or
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Event:
     """Base class of every event."""
 
@@ -53,8 +55,21 @@ class Event:
     label: str
     time: float
 
+    def __repr__(self) -> str:
+        # A session id that looks like a credential shows as a fingerprint, as in the logs.
+        shown = ", ".join(
+            f"{field.name}="
+            + repr(
+                session_label(self.session_id)
+                if field.name == "session_id"
+                else getattr(self, field.name)
+            )
+            for field in fields(self)
+        )
+        return f"{type(self).__name__}({shown})"
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Scheduled(Event):
     """A refresh was armed ``delay`` seconds out, due at wall time ``due``.
 
@@ -72,14 +87,14 @@ class Scheduled(Event):
     after_expiry: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class TimerKept(Event):
     """schedule() got a token with no usable ``exp`` and kept the existing timer."""
 
     token_fingerprint: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class RefreshStarted(Event):
     """get_access_token() is about to be called for the session.
 
@@ -97,7 +112,7 @@ class RefreshStarted(Event):
     attempt: int = 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Refreshed(Event):
     """A new token is being delivered to on_refresh (the seed's analytics event).
 
@@ -116,7 +131,7 @@ class Refreshed(Event):
     served_by: ServedBy | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class RefreshFailed(Event):
     """No token this time: ``attempt`` of ``max_attempts`` consecutive failures.
 
@@ -138,7 +153,7 @@ class RefreshFailed(Event):
     fetch_duration: float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class RefreshTimedOut(RefreshFailed):
     """get_access_token ran past ``timeout`` seconds (``fetch_timeout``): a failure.
 
@@ -149,7 +164,7 @@ class RefreshTimedOut(RefreshFailed):
     timeout: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class GaveUp(Event):
     """The session's refresh chain stopped: too many failures, or no timer could be armed.
 
@@ -159,7 +174,7 @@ class GaveUp(Event):
     failures: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class StaleDropped(Event):
     """A refresh finished after its session was rescheduled or cancelled; its result was dropped.
 
@@ -171,7 +186,7 @@ class StaleDropped(Event):
     fetch_duration: float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class RetryDropped(Event):
     """A failed refresh's retry was dropped: the session was cancelled or rescheduled first.
 
@@ -182,12 +197,12 @@ class RetryDropped(Event):
     trigger: Trigger = "exp"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Cancelled(Event):
     """The session was cancelled by cancel(), cancel_all() or close()."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class CallbackError(Event):
     """on_refresh raised ``error_type``; the follow-up refresh is armed all the same."""
 

@@ -6,8 +6,11 @@ import heapq
 import itertools
 import math
 import threading
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from fractions import Fraction
+from typing import Any
 
 __all__ = ["ManualClock"]
 
@@ -52,6 +55,10 @@ class ManualClock:
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._start = _finite(start, "start")
+        # Exact sums of what advance(), suspend() and step() were given, so that
+        # three advance(1/3) make exactly one second; read as whole nanoseconds.
+        self._elapsed = Fraction(0)  # monotonic
+        self._jumped = Fraction(0)  # wall minus monotonic
         self._monotonic = 0  # nanoseconds since start
         self._wall = 0  # nanoseconds since start; differs once suspended or stepped
         # (when it fires on the monotonic clock, sequence, timer); the key is
@@ -88,15 +95,27 @@ class ManualClock:
         ``due`` (wall time, Unix seconds) makes it run earlier if the wall
         clock reaches it first; by default it is now plus ``delay``.
         """
+        return self._push(self._timer(delay, callback, due))
+
+    def _timer(self, delay: float, callback: Callable[[], None], due: float | None) -> _ManualTimer:
+        """A timer for ``call_later``, not armed yet."""
         after = max(0, _nanoseconds(delay))
         due_at = self._wall + after
+        deadline = self._monotonic + after
         if due is not None:
             wanted = _nanoseconds(_finite(due, "due") - self._start)
-            # A due time computed as time() + delay in floats carries rounding
-            # errors: within them it is the same moment, so ties keep their order.
             if abs(wanted - due_at) > _rounding(due):
                 due_at = wanted
-        timer = _ManualTimer(self._monotonic + after, due_at, callback)
+            else:
+                # The same moment within float rounding (a delay computed as
+                # due - time() at a realistic epoch is off by up to ~100 ns):
+                # the wall time given is the exact one, so both clocks keep it.
+                deadline += wanted - due_at
+                due_at = wanted
+        return _ManualTimer(deadline, due_at, callback)
+
+    def _push(self, timer: _ManualTimer) -> _ManualTimer:
+        """Arm ``timer``."""
         with self._lock:
             heapq.heappush(self._timers, (self._fires_at(timer), next(self._sequence), timer))
         return timer
@@ -124,10 +143,11 @@ class ManualClock:
         Timers that fell due during a :meth:`suspend` or a :meth:`step` run
         first, in due order, at the current time.
         """
-        span = _nanoseconds(_non_negative(seconds, "seconds"))
+        span = _non_negative(seconds, "seconds")
         if self._running:
             raise RuntimeError("advance() cannot be called from inside a timer callback")
-        target = self._monotonic + span
+        self._elapsed += Fraction(span)
+        target = _nanoseconds(self._elapsed)
         same_instant = 0
         while (timer := self._pop_due(target)) is not None:
             moment = self._fires_at(timer)
@@ -144,7 +164,7 @@ class ManualClock:
         Nothing runs meanwhile; what fell due by wall time runs at the next
         :meth:`advance` (``advance(0)`` included).
         """
-        self._jump(_nanoseconds(_non_negative(seconds, "seconds")), "suspend")
+        self._jump(_non_negative(seconds, "seconds"), "suspend")
 
     def step(self, seconds: float) -> None:
         """Step the wall clock by ``seconds`` (either sign), as NTP does; monotonic time stays.
@@ -152,12 +172,13 @@ class ManualClock:
         Nothing runs meanwhile; what fell due by wall time runs at the next
         :meth:`advance`. A step back delays nothing: monotonic deadlines hold.
         """
-        self._jump(_nanoseconds(_finite(seconds, "seconds")), "step")
+        self._jump(_finite(seconds, "seconds"), "step")
 
-    def _jump(self, span: int, name: str) -> None:
+    def _jump(self, span: float, name: str) -> None:
         if self._running:
             raise RuntimeError(f"{name}() cannot be called from inside a timer callback")
-        self._wall += span
+        self._jumped += Fraction(span)
+        self._wall = self._monotonic + _nanoseconds(self._jumped)
         with self._lock:
             self._timers = [
                 (self._fires_at(timer), sequence, timer)
@@ -220,8 +241,8 @@ def _non_negative(value: float, name: str) -> float:
     return seconds
 
 
-def _nanoseconds(seconds: float) -> int:
-    """Seconds as whole nanoseconds: 0.1 is 100,000,000, so ten of them make a second."""
+def _nanoseconds(seconds: float | Fraction) -> int:
+    """Seconds as whole nanoseconds, rounded: 0.1 is 100,000,000."""
     numerator, denominator = seconds.as_integer_ratio()  # exact: no float product rounds
     return (2 * numerator * _NS + denominator) // (2 * denominator)
 
@@ -229,3 +250,93 @@ def _nanoseconds(seconds: float) -> int:
 def _rounding(wall: float) -> int:
     """Nanoseconds within which two float wall times near ``wall`` are the same moment."""
     return math.ceil(math.ulp(abs(wall) + 1.0) * 4 * _NS)
+
+
+class _ManualAlarm:
+    """A session's alarm on a ManualClock: setting it arms a new timer and cancels the old ones.
+
+    Every timer it makes is listed before it is armed and cancelled only after
+    the new one is, so an exception (``KeyboardInterrupt`` included) at any
+    point leaves at most the timers it knows of, all of which the next
+    ``set()`` or ``cancel()`` cancels.
+    """
+
+    __slots__ = ("__weakref__", "_callback", "_clock", "_timers", "used")
+
+    def __init__(self, clock: ManualClock, callback: Callable[[Any], None]) -> None:
+        self.used = False  # set at least once (see ManualRuntime.sweep)
+        self._clock = clock
+        self._callback: Callable[[Any], None] | None = callback
+        self._timers: list[_ManualTimer] = []
+
+    def set(self, delay: float, due: float, payload: object) -> None:
+        self.used = True
+        callback = self._callback
+        if callback is None:
+            return
+        # A due time from a JWT's exp is exact; one computed as time() + delay
+        # is not, and the delay is: give the clock only the exact one.
+        exact_due = due if getattr(payload, "reason", None) == "exp" else None
+        timer = self._clock._timer(delay, lambda: callback(payload), exact_due)
+        self._timers.append(timer)
+        self._clock._push(timer)
+        for old in self._timers[:-1]:
+            old.cancel()
+        del self._timers[:-1]
+
+    def disarm(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+    def cancel(self) -> None:
+        self._callback = None
+        self.disarm()
+        self._timers.clear()
+
+
+class ManualRuntime:
+    """A scheduler's runtime on a ManualClock: its timers, and work on the calling thread."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self._clock = clock
+        self._alarms: weakref.WeakSet[_ManualAlarm] = weakref.WeakSet()
+
+    def time(self) -> float:
+        return self._clock.time()
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def fires_at(self, due: float, deadline: float) -> float:
+        return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
+
+    def alarm(self, callback: Callable[[Any], None]) -> _ManualAlarm:
+        alarm = _ManualAlarm(self._clock, callback)
+        self._alarms.add(alarm)
+        return alarm
+
+    def sweep(self, keep: Collection[object]) -> None:
+        for alarm in list(self._alarms):
+            if alarm.used and alarm not in keep:
+                alarm.cancel()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        # get_access_token runs at once, as the seed calls it before its
+        # first await; what the refresh passes to then() runs after it returns.
+        self._clock.run_now(job)
+        return True
+
+    def then(self, work: Callable[[], None]) -> None:
+        self._clock.run_soon(work)
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> None:
+        return None  # calls run inline: nothing else runs while one hangs
+
+    def abandon(self, worker: threading.Thread) -> bool:  # pragma: no cover - never watched
+        return True
+
+    def close(self) -> list[threading.Thread]:
+        return []
+
+    def after_fork(self) -> None:
+        pass  # nothing of a ManualClock's runs on another thread
