@@ -141,7 +141,7 @@ class TestConfig:
             (
                 'store = "/s"\n[keys.a]\ntoken_endpoint = "https://a/t"\nclient_id = "x"\n'
                 "refresh_buffer = -1\n",
-                "refresh_buffer must be a number of seconds",
+                "refresh_buffer must not be negative",
             ),
             (
                 'store = "/s"\n[keys.a]\ntoken_endpoint = "https://a/t"\nclient_id = "x"\n'

@@ -266,7 +266,7 @@ class TestConfiguration:
             ({"client_secret": ""}, TypeError, "client_secret must be a non-empty str"),
             ({"client_id": ""}, TypeError, "client_id must be a non-empty str"),
             ({"timeout": 0}, ValueError, "timeout must be a positive"),
-            ({"timeout": True}, ValueError, "timeout must be a positive"),
+            ({"timeout": True}, TypeError, "timeout must be a number of seconds"),
             ({"ssl_context": object()}, TypeError, "ssl_context must be"),
         ],
     )

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote
 
+from . import _validate
 from ._format import fingerprint, looks_like_credential
 
 if TYPE_CHECKING:
@@ -59,24 +60,21 @@ def _monotonic() -> float:
 
 
 def seconds(value: object, name: str, *, optional: bool = False) -> float:
-    """A duration option checked: a non-negative number (``optional``: None means for ever)."""
+    """A duration option checked: not negative (``optional``: None means for ever).
+
+    The package's one rule (``_validate``): any real number or a ``timedelta``,
+    never a bool, NaN or an infinity.
+    """
     if value is None and optional:
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must not be negative, not {value!r}")
-    return float(value)
+    return _validate.at_least(value, name, 0.0)
 
 
 def _instant(value: object, name: str, *, optional: bool = False) -> None:
     """Refuse anything but a finite number (Unix seconds) for ``name``."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
+    _validate.seconds(value, name)
 
 
 @dataclass(frozen=True, slots=True)

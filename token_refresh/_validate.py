@@ -14,7 +14,7 @@ import threading
 from datetime import timedelta
 from decimal import Decimal
 
-__all__ = ["at_least", "count", "require_str", "seconds", "wait_limit"]
+__all__ = ["at_least", "count", "positive", "require_str", "seconds", "wait_limit"]
 
 # A wait longer than this is a wait for ever (threading refuses longer timeouts).
 LONGEST_WAIT = float(threading.TIMEOUT_MAX)
@@ -45,6 +45,14 @@ def at_least(value: object, name: str, least: float, why: str = "") -> float:
         because = f" ({why})" if why else ""
         unit = "second" if least == 1 else "seconds"
         raise ValueError(f"{name} must be at least {least:g} {unit}{because}, not {result!r}")
+    return result
+
+
+def positive(value: object, name: str) -> float:
+    """A duration in seconds above zero."""
+    result = seconds(value, name)
+    if not result > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {result!r}")
     return result
 
 

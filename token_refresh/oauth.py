@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from . import __version__
+from . import __version__, _validate
 from .shared import Grant, InvalidGrant, RateLimited
 
 __all__ = [
@@ -456,8 +456,7 @@ class _TokenRequest:
     ) -> None:
         self.token_endpoint = _checked_url(token_endpoint, "token_endpoint")
         _check_client(client_id, client_secret, client_auth)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
+        timeout = _validate.positive(timeout, "timeout")
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError("ssl_context must be an ssl.SSLContext")
         self.client_id = client_id

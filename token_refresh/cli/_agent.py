@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import cast
 
+from token_refresh import _validate
 from token_refresh._format import fingerprint
 from token_refresh._jwt import decode_jwt_expiry
 from token_refresh._scheduler import Scheduler
@@ -148,9 +149,7 @@ def _key(path: Path, name: str, table: object) -> KeyConfig:
 
 
 def _buffer_and_sink(table: dict[str, object]) -> tuple[float, Path | None]:
-    buffer = table.get("refresh_buffer", REFRESH_BUFFER)
-    if isinstance(buffer, bool) or not isinstance(buffer, (int, float)) or not buffer >= 0:
-        raise ValueError("refresh_buffer must be a number of seconds, 0 or more")
+    buffer = _validate.at_least(table.get("refresh_buffer", REFRESH_BUFFER), "refresh_buffer", 0)
     sink = table.get("sink")
     if sink is not None and (not isinstance(sink, str) or not sink):
         raise ValueError("sink must be a path")
