@@ -149,6 +149,19 @@ class TestAlarms:
         assert fired == []
         assert clock.pending == 0
 
+    def test_a_sweep_spares_alarms_never_set_and_those_kept(self) -> None:
+        """sweep() cancels the alarms that were set and are not kept, and nothing else."""
+        clock = ManualClock(start=START)
+        runtime = ManualRuntime(clock)
+        fired: list[object] = []
+        fresh, kept, left = (runtime.alarm(fired.append) for _ in range(3))
+        kept.set(1, START + 1, "kept")
+        left.set(1, START + 1, "left")
+        runtime.sweep([kept])
+        fresh.set(1, START + 1, "fresh")  # never set before the sweep: still usable
+        clock.advance(1)
+        assert sorted(map(str, fired)) == ["fresh", "kept"]
+
     @pytest.mark.realclock
     def test_an_alarm_registers_itself_when_the_watcher_is_busy(self) -> None:
         """A caller never waits for the clock watcher's lock; the timer's thread registers then."""

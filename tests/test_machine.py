@@ -322,3 +322,20 @@ def test_steps_change_nothing_until_committed() -> None:
     machine.fire(armed, "expires_in")
     after = (dict(machine.sessions), dict(machine.failures), dict(machine.deliveries))
     assert after == before
+
+
+def test_rescue_arms_a_refresh_that_never_started_and_nothing_else() -> None:
+    """rescue() arms for now only a current session with nothing armed."""
+    machine = Machine(retry_delay=60, follow_up_interval=1800)
+    alarm = object()
+    now = machine.schedule("s", alarm, delay=0, due=5, monotonic=0, reason="exp", detail={})
+    machine.commit(now)
+    fetch = now.then[-1]
+    assert isinstance(fetch, Fetch)
+    rescue = machine.rescue(fetch.attempt, wall=7, monotonic=2)
+    assert rescue.arm is not None
+    assert (rescue.arm.delay, rescue.arm.due, rescue.arm.deadline) == (0.0, 7, 2)
+    machine.commit(rescue)
+    assert machine.rescue(fetch.attempt, wall=8, monotonic=3).arm is None  # armed already
+    machine.commit(machine.cancel("s"))
+    assert machine.rescue(fetch.attempt, wall=8, monotonic=3).arm is None  # cancelled
