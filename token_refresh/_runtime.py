@@ -27,6 +27,9 @@ _log = logging.getLogger("token_refresh")
 #: Seconds that interpreter exit waits, in all, for refresh work already running.
 EXIT_GRACE = 1.0
 
+# A parked alarm thread looks at its state this often (seconds) when nothing wakes it.
+_PARKED = 300.0
+
 # The clock watcher wakes this often (seconds), and calls a change of the wall
 # clock against the monotonic one larger than _JUMP a jump (a suspend, a step).
 _WATCH_INTERVAL = 2.0
@@ -323,7 +326,10 @@ class _SessionAlarm:
         with self._wake:
             while self._state != "done":
                 now = time.monotonic()
-                remaining = self._deadline - now if self._state == "armed" else math.inf
+                # Parked, it still wakes every _PARKED seconds: a follow-up set
+                # for later than that wakes nobody (one context switch less a
+                # refresh, which a storm of them feels).
+                remaining = self._deadline - now if self._state == "armed" else _PARKED
                 if remaining > 0:
                     wait = min(remaining, threading.TIMEOUT_MAX)
                     self._wakes_at = now + wait
@@ -434,7 +440,8 @@ class _HeapEntry:
         self.due = due  # wall time
 
     def cancel(self) -> None:
-        self.owner._cancel(self)
+        if self.callback is not None:  # fired or cancelled already: no lock to take
+            self.owner._cancel(self)
 
 
 class _HeapAlarm:
@@ -555,6 +562,8 @@ class HeapTimers:
 
     def start(self) -> None:
         """Start the heap's thread if nobody has (lock not held); RuntimeError if refused."""
+        if self._thread_started:
+            return  # the common case, read without the lock: it only ever turns True here
         with self._wakeup:
             if self._thread_started or self._stopped:
                 return

@@ -569,16 +569,23 @@ class FileStore:
         )
 
     def _replace(self, path: Path, text: str) -> None:
-        """Replace the file at ``path`` atomically: a 0600 temporary file, then os.replace."""
-        fd, temporary = tempfile.mkstemp(dir=self._directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        replace_file(path, text)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace the file at ``path`` atomically: a 0600 temporary file beside it, then os.replace.
+
+    A reader sees the old text or the new, never a partial file.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _hold_left(hold: object) -> float:

@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from token_refresh import _validate
 from token_refresh._format import fingerprint
 from token_refresh._jwt import decode_jwt_expiry
 from token_refresh._scheduler import Scheduler
+from token_refresh._stores import replace_file
 from token_refresh.oauth import _checked_url
 from token_refresh.shared import FileStore, SharedToken
 
@@ -205,15 +205,7 @@ def write_sink(path: Path, token: str) -> None:
     A reader sees the old token or the new one, never a partial file.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(token)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    replace_file(path, token)
 
 
 class KeyKeeper:
