@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import token_refresh.shared
 from token_refresh import Scheduler
 from token_refresh.shared import FileStore, Grant, Record, RedisStore, SharedToken, Store
 
@@ -128,6 +129,9 @@ def across_processes(
                     caller.start()
                 for caller in callers:
                     caller.join()
+                # SharedToken stores a token after its callers have it; an interpreter
+                # that exits normally waits for that write (atexit), os._exit does not.
+                token_refresh.shared._finish_writes()
                 code = 0
             finally:
                 os._exit(code)
