@@ -149,6 +149,16 @@ class TestAlarms:
         assert fired == []
         assert clock.pending == 0
 
+    @pytest.mark.realclock
+    def test_a_stopped_heap_starts_no_thread_again(self) -> None:
+        """Setting an alarm of a heap already stopped (its scheduler closed) starts nothing."""
+        heap = HeapTimers("token-refresh-stopped")
+        assert heap.stop() == []
+        fired: list[object] = []
+        heap.alarm(fired.append).set(0, time.time(), "late")
+        assert heap.stop() == []
+        assert fired == []
+
     def test_a_sweep_spares_alarms_never_set_and_those_kept(self) -> None:
         """sweep() cancels the alarms that were set and are not kept, and nothing else."""
         clock = ManualClock(start=START)

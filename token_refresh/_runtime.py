@@ -563,7 +563,7 @@ class HeapTimers:
     def start(self) -> None:
         """Start the heap's thread if nobody has (lock not held); RuntimeError if refused."""
         if self._thread_started:
-            return  # the common case, read without the lock: it only ever turns True here
+            return  # the common case, read without the lock (checked again under it below)
         with self._wakeup:
             if self._thread_started or self._stopped:
                 return
@@ -582,8 +582,10 @@ class HeapTimers:
 
     def _cancel(self, entry: _HeapEntry) -> None:
         with self._wakeup:
-            if entry.callback is None:
-                return  # fired or cancelled already
+            if (
+                entry.callback is None
+            ):  # pragma: no cover - fired or cancelled since cancel() looked
+                return
             callback, entry.callback = entry.callback, None  # dropped after the lock, see stop()
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
