@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -24,14 +22,19 @@ def current_session_id() -> str | None:
     return _session_id.get()
 
 
-@contextmanager
-def session_context(session_id: str | None) -> Iterator[None]:
+class session_context:  # lower case: used as a function (a class costs less per call)
     """Make ``current_session_id()`` return ``session_id`` inside the block."""
-    reset = _session_id.set(session_id)
-    try:
-        yield
-    finally:
-        _session_id.reset(reset)
+
+    __slots__ = ("_reset", "_session_id")
+
+    def __init__(self, session_id: str | None) -> None:
+        self._session_id = session_id
+
+    def __enter__(self) -> None:
+        self._reset = _session_id.set(self._session_id)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _session_id.reset(self._reset)
 
 
 class _ServedBy:
@@ -46,15 +49,18 @@ class _ServedBy:
 _served_by: ContextVar[_ServedBy | None] = ContextVar("token_refresh_served_by", default=None)
 
 
-@contextmanager
-def served_by_context() -> Iterator[_ServedBy]:
+class served_by_context:  # lower case: used as a function (a class costs less per call)
     """Around a get_access_token call: a SharedToken called inside says who served it."""
-    slot = _ServedBy()
-    reset = _served_by.set(slot)
-    try:
-        yield slot
-    finally:
-        _served_by.reset(reset)
+
+    __slots__ = ("_reset", "_slot")
+
+    def __enter__(self) -> _ServedBy:
+        self._slot = _ServedBy()
+        self._reset = _served_by.set(self._slot)
+        return self._slot
+
+    def __exit__(self, *exc_info: object) -> None:
+        _served_by.reset(self._reset)
 
 
 def note_served_by(value: ServedBy) -> None:

@@ -48,6 +48,38 @@ class Attempt:
     duration: float = 0.0  # seconds its get_access_token call ran, once it has
     served_by: ServedBy | None = None  # who fetched its token, for a SharedToken
 
+    # Written out rather than dataclasses.replace(), which costs a storm of
+    # refreshes several times more.
+    def started(self, origin: Trigger) -> Attempt:
+        """The attempt, started by ``origin`` (kept if it was set before)."""
+        return Attempt(
+            self.session_id,
+            self.generation,
+            self.reason,
+            self.delay,
+            self.due,
+            self.deadline,
+            self.number,
+            self.origin or origin,
+            self.duration,
+            self.served_by,
+        )
+
+    def ran(self, duration: float, served_by: ServedBy | None = None) -> Attempt:
+        """The attempt, after its get_access_token call ran for ``duration`` seconds."""
+        return Attempt(
+            self.session_id,
+            self.generation,
+            self.reason,
+            self.delay,
+            self.due,
+            self.deadline,
+            self.number,
+            self.origin,
+            duration,
+            served_by,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Session:
@@ -56,6 +88,10 @@ class Session:
     generation: int
     alarm: Any  # the driver's alarm; opaque here, kept for the session's life
     armed: Attempt | None = None  # None while a refresh runs (or starts at once)
+
+    def arming(self, armed: Attempt | None) -> Session:
+        """The session with its alarm set for ``armed`` (None: for nothing)."""
+        return Session(self.generation, self.alarm, armed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +225,8 @@ class Machine:
         step = Step(attempt.session_id)
         if session is None or session.armed is not attempt:
             return step  # cancelled or replaced before it started: never called
-        running = replace(attempt, origin=attempt.origin or trigger)
-        step.session = replace(session, armed=None)
+        running = attempt.started(trigger)
+        step.session = session.arming(None)
         step.then.append(Fetch(running))
         return step
 
@@ -263,7 +299,7 @@ class Machine:
             attempt.number + 1,
             attempt.origin,
         )
-        step.session, step.arm = replace(session, armed=retry), retry
+        step.session, step.arm = session.arming(retry), retry
         step.then.append(Report("scheduled_retry", session_id, _scheduled(retry)))
         return step
 
@@ -280,7 +316,7 @@ class Machine:
             follow_up = Attempt(
                 session_id, current, "follow_up", delay, wall + delay, monotonic + delay
             )
-            step.session, step.arm = replace(session, armed=follow_up), follow_up
+            step.session, step.arm = session.arming(follow_up), follow_up
             step.then.append(Report("scheduled_follow_up", session_id, _scheduled(follow_up)))
         delivery = self.deliveries.get(session_id)
         handed = None if delivery is None else delivery.next
@@ -325,7 +361,7 @@ class Machine:
         if session is None or session.generation != attempt.generation or session.armed:
             return step  # replaced, cancelled, or armed again meanwhile
         now = replace(attempt, delay=0.0, due=wall, deadline=monotonic)
-        step.session, step.arm = replace(session, armed=now), now
+        step.session, step.arm = session.arming(now), now
         return step
 
     def cancel(self, session_id: str) -> Step:

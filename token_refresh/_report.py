@@ -240,7 +240,7 @@ class Reporter:
     ) -> None:
         """Write an outcome's log line and send its event; never raises."""
         line = OUTCOMES[outcome]
-        if line.message is not None:
+        if line.message is not None and _log.isEnabledFor(line.level):
             self._write(line.level, line.message, {"session": session_id, **fields})
         if line.event is None or not self.listening():
             return

@@ -8,6 +8,7 @@ backend, a small pool of daemon workers and a watchdog for hung calls);
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import heapq
@@ -29,6 +30,12 @@ EXIT_GRACE = 1.0
 
 # A parked alarm thread looks at its state this often (seconds) when nothing wakes it.
 _PARKED = 300.0
+
+# The heap's thread hands due timers to the workers in batches of at most this
+# many; a batch still not drained this long (seconds) after a worker took it
+# goes to one more worker (its worker is stuck in a job, or cannot keep up).
+_BATCH = 256
+_STALLED = 0.05
 
 # The clock watcher wakes this often (seconds), and calls a change of the wall
 # clock against the monotonic one larger than _JUMP a jump (a suspend, a step).
@@ -490,18 +497,29 @@ class HeapTimers:
 
     Cancelled entries stay in the heap (cancelling is O(1)) and are skipped
     when they surface; the heap is rebuilt when more than half of it is dead.
+    Given ``workers``, the thread runs every timer due at once in a row and
+    hands what they submit to the workers as one batch (one hand-off for a
+    storm's worth of refreshes, not one each); while a batch is not drained it
+    wakes every ``_STALLED`` seconds, and a batch whose worker is stuck in one
+    job goes to another worker too.
     """
 
-    def __init__(self, name: str, *, watch_clock: bool = True) -> None:
+    def __init__(
+        self, name: str, *, watch_clock: bool = True, workers: Workers | None = None
+    ) -> None:
         self.name = name
         self._watch_clock = watch_clock  # a timer's due time counts: watch for clock jumps
         self._watched = False
+        self._workers = workers
         # (when it fires on the monotonic clock, sequence, entry): the earlier
         # of the entry's deadline and its due time, recomputed on a clock jump.
         self._heap: list[tuple[float, int, _HeapEntry]] = []
         self._sequence = itertools.count()
         self._cancelled = 0
         self._wakeup = threading.Condition(threading.Lock())
+        # When the thread wakes by itself (monotonic; 0 while it is awake): a
+        # timer that fires later wakes nobody.
+        self._wakes_at = 0.0
         self._thread: threading.Thread | None = None
         self._thread_started = False
         self._stopped = False
@@ -517,8 +535,8 @@ class HeapTimers:
                 # if the watcher is busy, the heap's thread registers instead.
                 self._watched = _watcher.add(self, wait=False)
             heapq.heappush(self._heap, (fires_at, next(self._sequence), entry))
-            if self._heap[0][2] is entry:
-                self._wakeup.notify()  # the new timer is due before the one being waited for
+            if fires_at < self._wakes_at:
+                self._wakeup.notify()  # due before the thread would wake by itself
         return entry
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
@@ -542,14 +560,15 @@ class HeapTimers:
             self._cancelled = 0
             self._wakeup.notify()
 
-    def _watch(self, watch: bool) -> None:
+    def _watch(self, watch: bool) -> bool:
         """Register with the clock watcher, or leave it (the heap's thread, its lock held).
 
-        The heap's lock is released meanwhile: this thread never waits for the
-        watcher's process-wide lock while holding a lock a caller may need.
+        True if it did, with the heap's lock released meanwhile: this thread
+        never waits for the watcher's process-wide lock while holding a lock
+        a caller may need.
         """
         if not self._watch_clock or watch == self._watched:
-            return
+            return False
         self._watched = watch
         self._wakeup.release()
         try:
@@ -559,6 +578,7 @@ class HeapTimers:
                 _watcher.discard(self)
         finally:
             self._wakeup.acquire()
+        return True
 
     def start(self) -> None:
         """Start the heap's thread if nobody has (lock not held); RuntimeError if refused."""
@@ -606,39 +626,81 @@ class HeapTimers:
         return [] if thread is None else [thread]
 
     def _run(self) -> None:
+        handed: list[_Batch] = []  # batches handed to the workers and not yet drained
         with self._wakeup:
             while not self._stopped:
-                if not self._heap:
-                    self._watch(False)
-                    if not self._heap:  # else an entry came while the lock was released
-                        self._wakeup.wait()
+                # Watched while it has timers (registering releases the lock).
+                if self._watch(bool(self._heap)):
                     continue
-                if self._watch_clock and not self._watched:
-                    self._watch(True)  # arm() found the watcher busy: it never waits
+                now = time.monotonic()
+                due = self._take_due(now)
+                if due:
+                    handed += self._fire(due)
                     continue
-                deadline, _, entry = self._heap[0]
-                if entry.callback is None:
-                    heapq.heappop(self._heap)
-                    self._cancelled -= 1
-                    continue
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._wakeup.wait(min(wait, threading.TIMEOUT_MAX))
-                    continue
-                heapq.heappop(self._heap)
-                callback, entry.callback = entry.callback, None
-                self._wakeup.release()  # never run a callback holding the heap's lock
+                if self._workers is not None:
+                    handed = [batch for batch in handed if self._workers.reshare(batch, now)]
+                wait = self._heap[0][0] - now if self._heap else math.inf
+                if handed:
+                    wait = min(wait, _STALLED)  # look again at the batches not yet drained
+                self._sleep(now, wait)
+            self._watch(False)
+
+    def _sleep(self, now: float, wait: float) -> None:
+        """Wait until the next timer fires (``wait`` seconds), or a sooner one is armed."""
+        wait = min(wait, threading.TIMEOUT_MAX)
+        self._wakes_at = now + wait
+        try:
+            self._wakeup.wait(None if wait == math.inf else wait)
+        finally:
+            self._wakes_at = 0.0
+
+    def _take_due(self, now: float) -> list[Callable[[], None]]:
+        """Take up to _BATCH timers due by ``now`` off the heap, and drop cancelled ones."""
+        heap = self._heap
+        due: list[Callable[[], None]] = []
+        while heap and len(due) < _BATCH:
+            fires_at, _, entry = heap[0]
+            if entry.callback is None:
+                heapq.heappop(heap)
+                self._cancelled -= 1
+            elif fires_at <= now:
+                heapq.heappop(heap)
+                due.append(entry.callback)
+                entry.callback = None
+            else:
+                break
+        return due
+
+    def _fire(self, due: list[Callable[[], None]]) -> list[_Batch]:
+        """Run the callbacks of due timers (lock released); what they submit goes as one batch."""
+        self._wakeup.release()  # never run a callback holding the heap's lock
+        workers = self._workers
+        try:
+            if workers is not None:
+                workers.gather()
+            for callback in due:
                 try:
                     callback()
                 except BaseException as error:
                     _internal_error(error)
-                finally:
-                    del callback, entry  # an idle thread must not keep its scheduler alive
-                    self._wakeup.acquire()
-            self._watch(False)
+        finally:
+            due.clear()  # an idle thread must not keep its scheduler alive
+            batch = None if workers is None else workers.hand_over()
+            self._wakeup.acquire()
+        return [] if batch is None else [batch]
 
 
 # -- Workers ------------------------------------------------------------------
+
+
+class _Batch:
+    """Jobs handed to the workers in one go: any worker may take the next one."""
+
+    __slots__ = ("jobs", "started")
+
+    def __init__(self, jobs: list[Callable[[], None]]) -> None:
+        self.jobs = collections.deque(jobs)
+        self.started = time.monotonic()  # when it was handed to a worker, the last time
 
 
 class Workers:
@@ -658,7 +720,8 @@ class Workers:
         self._max_stuck = max_stuck
         # Timer threads only put() on this queue, which takes no lock of ours:
         # thousands of them firing together do not queue on one.
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | _Batch | None] = queue.SimpleQueue()
+        self._gathering = threading.local()  # .jobs: what submit() on this thread collects
         self._cond = threading.Condition(threading.Lock())  # for what follows
         self._threads: set[threading.Thread] = set()  # counted workers
         self._abandoned: set[threading.Thread] = set()  # hung, not counted
@@ -669,10 +732,44 @@ class Workers:
     def submit(self, job: Callable[[], None]) -> bool:
         if self._closed:
             return False
+        gathered: list[Callable[[], None]] | None = getattr(self._gathering, "jobs", None)
+        if gathered is not None:
+            gathered.append(job)  # handed over with the rest by hand_over()
+            return True
         self._jobs.put(job)
         if len(self._threads) < self._max_workers:  # a full pool never takes the lock
             self._grow()
         return not self._closed  # closed meanwhile: close() may have missed it
+
+    def gather(self) -> None:
+        """Collect what this thread submits from now on, for hand_over()."""
+        self._gathering.jobs = []
+
+    def hand_over(self) -> _Batch | None:
+        """Give what this thread gathered to the workers as one batch (None if nothing)."""
+        jobs, self._gathering.jobs = self._gathering.jobs, None
+        if not jobs:
+            return None
+        batch = _Batch(jobs)
+        self._share(batch)
+        return batch
+
+    def reshare(self, batch: _Batch, now: float) -> bool:
+        """Whether ``batch`` still has jobs; if it was handed over _STALLED ago, another worker
+        takes it too (its worker is stuck in a job, or cannot keep up).
+        """
+        if not batch.jobs or self._closed:
+            return False
+        if now - batch.started >= _STALLED:
+            batch.started = now  # once per _STALLED at most
+            self._share(batch)
+        return True
+
+    def _share(self, batch: _Batch) -> None:
+        self._jobs.put(batch)
+        # A worker is woken only if one waits; a new one starts only if none does.
+        if len(self._threads) < self._max_workers and self._running >= len(self._threads):
+            self._grow()
 
     def _grow(self) -> None:
         """Start one more worker, if there is room (lock not held)."""
@@ -693,7 +790,10 @@ class Workers:
             with self._cond:
                 self._running += 1
             try:
-                job()
+                if isinstance(job, _Batch):
+                    self._drain(job)
+                else:
+                    job()
             except BaseException as error:
                 _internal_error(error)
             del job  # an idle worker must not keep its scheduler alive
@@ -707,6 +807,20 @@ class Workers:
                     self._threads.add(me)
         with self._cond:
             self._threads.discard(me)
+
+    def _drain(self, batch: _Batch) -> None:
+        """Run a batch's jobs one after another, with no hand-off between them."""
+        jobs = batch.jobs
+        while not self._closed:
+            try:
+                job = jobs.popleft()  # another worker may share the batch
+            except IndexError:
+                return
+            try:
+                job()
+            except BaseException as error:
+                _internal_error(error)
+            del job
 
     def abandon(self, worker: threading.Thread) -> bool:
         with self._cond:
@@ -755,6 +869,120 @@ def _at_exit() -> None:  # pragma: no cover - runs at interpreter exit (TestProm
         pool.wait_idle(deadline)
 
 
+# -- The watchdog ---------------------------------------------------------------
+
+
+class _Watch:
+    """A watched call: cancelling it is one store, with no lock and no wake-up."""
+
+    __slots__ = ("callback", "deadline")
+
+    def __init__(self, callback: Callable[[], None], deadline: float) -> None:
+        self.callback: Callable[[], None] | None = callback
+        self.deadline = deadline  # monotonic
+
+    def cancel(self) -> None:
+        self.callback = None  # the watchdog drops it when it next looks
+
+
+class Watchdog:
+    """One daemon thread that calls back for calls still running at their deadline.
+
+    Made for a storm: watching a call appends to a deque and wakes nobody
+    unless the thread would otherwise sleep past the new deadline (it sleeps
+    until the earliest deadline it knows of, and every call watched later
+    ends later), and cancelling is one store. So a burst of refreshes costs
+    the thread one wake-up per deadline that passes, not one per call.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._inbox: collections.deque[_Watch] = collections.deque()
+        self._wake = threading.Condition(threading.Lock())
+        # When the thread wakes by itself (monotonic): inf while it waits for
+        # a first watch, 0 while it is awake (it looks at the inbox before it sleeps).
+        self._wakes_at = math.inf
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
+        """Call ``callback`` after ``timeout`` unless cancelled; None if no thread can watch."""
+        watch = _Watch(callback, time.monotonic() + timeout)
+        self._inbox.append(watch)
+        # Read after the append; the thread sets it before it reads the inbox.
+        if watch.deadline < self._wakes_at:
+            with self._wake:
+                if self._thread is None and not self._stopped and not self._start():
+                    watch.cancel()
+                    return None
+                self._wake.notify()
+        return watch
+
+    def _start(self) -> bool:
+        """Start the thread (lock held): False if the OS refuses it."""
+        thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return False
+        self._thread = thread
+        return True
+
+    def stop(self) -> list[threading.Thread]:
+        """Stop watching (nothing more is called back); return the thread to join."""
+        with self._wake:
+            self._stopped = True
+            self._inbox.clear()
+            self._wake.notify()
+            return [] if self._thread is None else [self._thread]
+
+    def _run(self) -> None:
+        watched: list[tuple[float, int, _Watch]] = []  # a heap, this thread's own
+        sequence = itertools.count()
+        with self._wake:
+            while not self._stopped:
+                self._wakes_at = 0.0  # awake: a watch added now wakes nobody
+                while self._inbox:
+                    watch = self._inbox.popleft()
+                    heapq.heappush(watched, (watch.deadline, next(sequence), watch))
+                due = self._due(watched, time.monotonic())
+                if due:
+                    self._call(due)
+                    continue
+                wakes_at = watched[0][0] if watched else math.inf
+                self._wakes_at = wakes_at
+                if self._inbox:
+                    continue  # came before _wakes_at was set: it may be earlier
+                self._wake.wait(
+                    None if not watched else min(wakes_at - time.monotonic(), threading.TIMEOUT_MAX)
+                )
+            del watched
+
+    @staticmethod
+    def _due(watched: list[tuple[float, int, _Watch]], now: float) -> list[Callable[[], None]]:
+        """Take the calls past their deadline off the heap, and drop the cancelled ones."""
+        due = []
+        while watched and (watched[0][2].callback is None or watched[0][0] <= now):
+            callback, watched[0][2].callback = watched[0][2].callback, None
+            heapq.heappop(watched)
+            if callback is not None:
+                due.append(callback)
+        return due
+
+    def _call(self, due: list[Callable[[], None]]) -> None:
+        """Run the callbacks of calls past their deadline, the lock released."""
+        self._wake.release()
+        try:
+            for callback in due:
+                try:
+                    callback()
+                except BaseException as error:
+                    _internal_error(error)
+        finally:
+            due.clear()
+            self._wake.acquire()
+
+
 # -- Runtimes -----------------------------------------------------------------
 
 
@@ -763,18 +991,21 @@ class ThreadRuntime:
 
     def __init__(self, name: str, *, timers: str, max_workers: int) -> None:
         self._name = name
-        self._timer_kind = ThreadTimers if timers == "thread" else HeapTimers
+        self._timer_kind = timers
         self._max_workers = max_workers
         self.after_fork()
 
     def after_fork(self) -> None:
         _watcher.forked()  # the inherited watcher's lock may be held by a thread not here
-        self._timers: ThreadTimers | HeapTimers = self._timer_kind(self._name)
         self._workers = Workers(
             f"{self._name}-worker", self._max_workers, max_stuck=self._max_workers
         )
-        self._watchdog: HeapTimers | None = None
-        self._lock = threading.Lock()
+        self._timers: ThreadTimers | HeapTimers = (
+            ThreadTimers(self._name)
+            if self._timer_kind == "thread"
+            else HeapTimers(self._name, workers=self._workers)
+        )
+        self._watchdog = Watchdog(f"{self._name}-watchdog")
 
     def time(self) -> float:
         return _wall()
@@ -802,28 +1033,13 @@ class ThreadRuntime:
         work()
 
     def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
-        with self._lock:
-            if self._watchdog is None:
-                self._watchdog = HeapTimers(f"{self._name}-watchdog", watch_clock=False)
-            watchdog = self._watchdog
-        entry = watchdog.arm(min(timeout, threading.TIMEOUT_MAX), callback)
-        try:
-            watchdog.start()
-        except RuntimeError:  # the OS refuses a thread: this call goes unwatched
-            entry.cancel()
-            return None
-        return entry
+        return self._watchdog.watch(min(timeout, threading.TIMEOUT_MAX), callback)
 
     def abandon(self, worker: threading.Thread) -> bool:
         return self._workers.abandon(worker)
 
     def close(self) -> list[threading.Thread]:
-        threads = self._workers.close()
-        with self._lock:
-            watchdog = self._watchdog
-        if watchdog is not None:
-            threads += watchdog.stop()
-        return threads + self._timers.stop()
+        return self._workers.close() + self._watchdog.stop() + self._timers.stop()
 
 
 # -- The reaper -----------------------------------------------------------------

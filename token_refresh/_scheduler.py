@@ -14,8 +14,8 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
@@ -97,6 +97,7 @@ class _State:
         self.delivered = threading.Condition(self.lock)
         self.machine = machine
         self.local = threading.local()  # .depth: scheduler work on this thread
+        self._working = _Working(self.local)
         self.counter_lock = threading.Lock()
         self.running = self.stuck = 0
         self.hung: dict[str, int] = {}  # session id -> its calls hung past fetch_timeout
@@ -105,14 +106,9 @@ class _State:
         """Whether this thread is doing the scheduler's work (a callback, a log handler)."""
         return getattr(self.local, "depth", 0) > 0
 
-    @contextlib.contextmanager
-    def working(self) -> Iterator[None]:
+    def working(self) -> contextlib.AbstractContextManager[None]:
         """Mark this thread as doing the scheduler's work, so nothing here waits for it."""
-        self.local.depth = getattr(self.local, "depth", 0) + 1
-        try:
-            yield
-        finally:
-            self.local.depth -= 1
+        return self._working
 
     def count(self, *, running: int = 0, stuck: int = 0, hung: str | None = None) -> None:
         # Not the scheduler's lock: under contention every acquisition of it
@@ -207,6 +203,22 @@ class _State:
         if not running or self.inside():
             return done()
         return self.delivered.wait_for(done, limit)
+
+
+class _Working:
+    """``with``: this thread does a scheduler's work (a class, not a generator: a storm
+    of refreshes enters it several times each)."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self, local: threading.local) -> None:
+        self._local = local
+
+    def __enter__(self) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._local.depth -= 1
 
 
 def _set(step: Step) -> None:
@@ -321,7 +333,7 @@ class _Refresher:
             # refresh); fetched() checks again under it.
             return None
         else:
-            attempt = replace(attempt, origin=attempt.origin or attempt.reason)
+            attempt = attempt.started(attempt.reason)
         if listening:
             fields = {"due": due, "lateness": lateness, "trigger": trigger}
             fields["attempt"] = attempt.number
@@ -356,7 +368,7 @@ class _Refresher:
             # Settled here, on the watchdog's thread, so the retry is armed on
             # time even if every worker hangs; reported (user code: on_event,
             # log handlers) on a worker, so nothing can block the watchdog.
-            late = replace(attempt, duration=timeout or 0.0)
+            late = attempt.ran(timeout or 0.0)
             step = self._settle(state, late, None, "timeout")
             self._runtime.submit(lambda: self._announce(state, step, replaced))
 
@@ -373,7 +385,7 @@ class _Refresher:
             self._reporter.say("returned_late", session_id)
             return
         duration = max(0.0, self._runtime.monotonic() - began)
-        done = replace(attempt, duration=duration, served_by=served_by.value)
+        done = attempt.ran(duration, served_by.value)
         if raised:
             # A synchronous throw in the seed: handled before anything queued.
             self._complete(state, done, token, error)
