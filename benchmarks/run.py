@@ -55,7 +55,14 @@ WORKER = HERE / "_worker.py"
 
 #: The storm rows: N refreshes due within STORM_WINDOW seconds, delivered.
 STORM_SIZES = [1000, 5000, 10_000]
-STORM_CONTENDERS = ["token_refresh[thread]", "token_refresh[heap]", "bare Timer"]
+STORM_CONTENDERS = [
+    "token_refresh[thread]",
+    "token_refresh[heap]",
+    "floor",
+    "bare Timer",
+    "bare heap",
+    "APScheduler",
+]
 STORM_WINDOW = 1.0
 #: Seconds after the window that a storm run waits for the last deliveries.
 STORM_DRAIN = 15.0
@@ -242,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     idle = args.idle if args.idle is not None else idle
     window = args.window if args.window is not None else window
     chart = args.chart or (out.parent / "_static" / (out.stem + ".png"))
-    names = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    names = (
+        args.contenders.split(",")
+        if args.contenders
+        else [name for name, entry in CONTENDERS.items() if not entry.storm_only]
+    )
     unknown = [name for name in names if name not in CONTENDERS]
     if unknown:
         print(f"unknown contenders: {unknown}; choose from {list(CONTENDERS)}", file=sys.stderr)
@@ -276,9 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             proc_loadavg_before, args, argv, out, began, started_at, load_before, probe, storm
         )
 
-    runs: dict[str, dict[str, Result]] = {name: {} for name in names}
+    # The floor is a reference for the storm rows only.
+    runs: dict[str, dict[str, Result]] = {
+        name: {} for name in names if not CONTENDERS[name].storm_only
+    }
     for n in sizes:
-        for name in available:
+        for name in (name for name in available if name in runs):
             cell: Result = {}
             runs[name][str(n)] = cell
             many_threads = CONTENDERS[name].thread_per_session
@@ -490,10 +504,8 @@ def storm_round(
     for n in sizes:
         for name in names:
             # All N must be armed before the first is due, or the storm starts while
-            # the main thread is still scheduling and both slow down: starting a
-            # thread per session took 0.5-1.3 ms each here once thousands were up,
-            # and up to 3 ms on a loaded machine: hence twice the calm figure.
-            scheduling = n * (2e-3 if CONTENDERS[name].thread_per_session else 5e-5)
+            # the main thread is still scheduling and both slow down.
+            scheduling = n * CONTENDERS[name].arm_seconds
             for mode in modes:
                 log = str(scratch / f"storm-log-{name}-{n}-{mode}".replace(" ", "-"))
                 spec = {"phase": "storm", "contender": name, "n": n, "window": window}
