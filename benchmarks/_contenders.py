@@ -358,7 +358,7 @@ CONTENDERS: dict[str, Entry] = {
     "floor": Entry(
         lambda on_fire: FloorLoop(on_fire or _ignore),
         "the floor: one thread calls the callback for each due session in deadline order"
-        " (no lock, no hand-off; storm rows only)",
+        " (no lock, no hand-off; storm and budget runs only)",
         False,
         storm_only=True,
     ),
