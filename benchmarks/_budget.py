@@ -9,8 +9,8 @@ phase). Everything built on them is counted too: ``threading.Event``,
 
 Each primitive is charged to the line that created it: the innermost frame in
 ``token_refresh/`` or ``benchmarks/_contenders.py`` (a bare contender's own
-code). Primitives the harness creates (its ``Event``, the interpreter's) are
-left out. Counted, per creation site:
+code), and the line further out that built its owner. Primitives the harness
+creates (its ``Event``, the interpreter's) are left out. Counted, per site:
 
 - ``acquires``: every acquisition of a lock, blocking or not, ``with`` included,
   and a condition's re-acquisition when its ``wait()`` returns;
@@ -59,18 +59,30 @@ _ROOTS: tuple[str, ...] = ()
 
 
 def _site() -> Tally:
-    """The tally of the innermost caller frame in token_refresh/ or _contenders.py."""
+    """The tally of the innermost caller frame in token_refresh/ or _contenders.py.
+
+    The key also names the nearest such frame of another function further out
+    (the one that built the object holding the lock), so that two instances of
+    one class built for different purposes, say the heap timer and the fetch
+    watchdog, are told apart.
+    """
     frame: FrameType | None = sys._getframe(2)
+    inner: FrameType | None = None
     while frame is not None:
-        path = frame.f_code.co_filename
-        if path.startswith(_ROOTS):
-            name = Path(path)
-            label = f"{name.parent.name}/{name.name}:{frame.f_lineno}"
-            source = linecache.getline(path, frame.f_lineno).strip()
-            key = f"{label} `{source[:70]}`"
-            return SITES.setdefault(key, Tally())
+        if frame.f_code.co_filename.startswith(_ROOTS):
+            if inner is None:
+                inner = frame
+            elif frame.f_code is not inner.f_code:
+                break
         frame = frame.f_back
-    return _IGNORED
+    if inner is None:
+        return _IGNORED
+    path = Path(inner.f_code.co_filename)
+    key = f"{path.parent.name}/{path.name}:{inner.f_lineno}"
+    if frame is not None:
+        key += f" (from {Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+    source = linecache.getline(str(path), inner.f_lineno).strip()
+    return SITES.setdefault(f"{key} `{source[:70]}`", Tally())
 
 
 class CountedLock:

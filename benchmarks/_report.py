@@ -1289,16 +1289,17 @@ def budget_sites(name: str, result: Result) -> list[str]:
     if not fired or not sites:
         return []
     lines = [
-        f"{name}, per delivered refresh, by the line that created the lock:",
+        f"{name}, per delivered refresh, by the line that created the lock (and, in",
+        "brackets, the line that built the object holding it):",
         "",
         "| created at | locks | waits | notifies | queue put/get |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for site, counts in sorted(sites.items(), key=lambda item: -sum(item[1].values())):
-        where, _, source = site.partition(" ")
-        source = source.replace("|", "\\|")  # inside a table cell, even in backticks
+        where, _, source = site.partition(" `")
+        source = "`" + source.replace("|", "\\|")  # inside a table cell, even in backticks
         lines.append(
-            f"| `{where}` {source} | {counts['acquires'] / fired:.2f} |"
+            f"| {where} {source} | {counts['acquires'] / fired:.2f} |"
             f" {counts['waits'] / fired:.2f} | {counts['notifies'] / fired:.2f} |"
             f" {counts['queue_ops'] / fired:.2f} |"
         )
