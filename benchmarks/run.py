@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or ROOT / "docs" / "performance.md"
         chart = args.chart or (out.parent / "_static" / (out.stem + ".png"))
         if "runs" not in saved:  # a --storm or --budget run: their sections only
+            out.parent.mkdir(parents=True, exist_ok=True)
             splice_sections(out, saved)
             print(f"rewrote {out} from {args.render}", file=sys.stderr)
             return 0
