@@ -118,6 +118,9 @@ class CountedLock:
     def _at_fork_reinit(self) -> None:
         self._inner._at_fork_reinit()  # type: ignore[attr-defined]
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # anything else a newer Python's lock has
+
 
 class CountedRLock:
     """``threading.RLock``, counting acquisitions (and re-acquisitions after a wait)."""
@@ -151,6 +154,9 @@ class CountedRLock:
 
     def _at_fork_reinit(self) -> None:
         self._inner._at_fork_reinit()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 _REAL_RLOCK = threading.RLock
