@@ -20,6 +20,7 @@ THREAD = "token_refresh[thread]"
 BARE_HEAP = "bare heap"
 BARE_TIMER = "bare Timer"
 APS = "APScheduler"
+FLOOR = "floor"
 TARGET_N = 10_000  # the size the summary quotes, when measured
 MANY_N = 100_000
 
@@ -264,7 +265,7 @@ def write_markdown(results: Result, out: Path, chart: Path) -> None:
     meta = results["meta"]
     machine = meta["machine"]
     sizes: list[int] = meta["sizes"]
-    names = list(results["contenders"])
+    names = [name for name in results["contenders"] if name in results["runs"]]
     lines = [
         # Generated: keep sphinx-build -W quiet whether or not a toctree lists it.
         "---",
@@ -313,6 +314,8 @@ def write_markdown(results: Result, out: Path, chart: Path) -> None:
     lines += ratio_lines(results, sizes)
     if results.get("storm"):
         lines += storm_section(results)
+    if results.get("budget"):
+        lines += budget_section(results)
     lines += [
         "## Results",
         "",
@@ -430,6 +433,7 @@ def write_markdown(results: Result, out: Path, chart: Path) -> None:
         + ", ".join(f"{n:,}" for n in meta["lateness_sizes"])
         + ", one run each.",
         "- **Many refreshes due at once**: see [its section](#many-refreshes-due-at-once).",
+        "- **What one refresh costs**: see [its section](#what-one-refresh-costs).",
         "",
         "## Caveats",
         "",
@@ -533,7 +537,7 @@ def write_chart(results: Result, path: Path) -> None:
 
     sizes: list[int] = results["meta"]["sizes"]
     lateness_sizes: list[int] = results["meta"]["lateness_sizes"]
-    names = list(results["contenders"])
+    names = [name for name in results["contenders"] if name in results["runs"]]
     figure, axes = plt.subplots(3, 2, figsize=(12, 12.5))
 
     def close_ms(name: str, n: int) -> float | None:
@@ -974,13 +978,22 @@ def storm_row(results: Result, name: str, n: int, mode: str) -> str:
         notes.append(f"scheduling ran {result['overran_seconds']:.1f} s into the window")
     if result.get("closed") is False:
         notes.append(f"close() still running after {float(result['close_seconds']):.0f} s")
-    each = ", ".join(seconds(value) for value in storm_p99s(results, name, n, mode))
+    each = ", ".join(run_text(run, n) for run in storm_runs(results, name, n, mode))
     within = float(result.get("within_5s", math.nan))
     return (
         f"| {n:,} | {name} | {seconds(float(result['p50_ms']))} | "
         f"{seconds(float(result['p99_ms']))} | {seconds(float(result['max_ms']))} | "
         f"{within:.1%} | {reached}" + (f" ({'; '.join(notes)})" if notes else "") + f" | {each} |"
     )
+
+
+def run_text(run: Result, n: int) -> str:
+    """One run of a storm cell: its p99, and how many came when not all of them did."""
+    if "error" in run or "p99_ms" not in run:
+        return "error" if "error" in run else "-"
+    text = seconds(float(run["p99_ms"]))
+    fired = int(run.get("fired", n))
+    return text if fired >= n else f"{text} ({fired:,} of {n:,})"
 
 
 def storm_summary(results: Result, mode: str) -> str:
@@ -1056,6 +1069,30 @@ def storm_ratios(results: Result, mode: str) -> str | None:
     )
 
 
+def floor_ratios(results: Result, mode: str) -> str | None:
+    """The heap backend's p99 against the floor's, median runs and worst runs."""
+    parts = []
+    for n in results["meta"]["storm_sizes"]:
+        heap, floor = storm_p99s(results, HEAP, n, mode), storm_p99s(results, FLOOR, n, mode)
+        if not heap or not floor or max(floor) <= 0 or not math.isfinite(max(floor)):
+            continue
+        median = storm_p99(results, HEAP, n, mode)
+        floor_median = storm_p99(results, FLOOR, n, mode)
+        worst = "never" if math.isinf(max(heap)) else times(max(heap) / max(floor))
+        if median is not None and floor_median:
+            parts.append(f"N = {n:,}: {times(median / floor_median)} (worst runs: {worst})")
+        else:
+            parts.append(f"N = {n:,}: worst runs {worst}")
+    if not parts:
+        return None
+    label = dict(STORM_MODES)[mode]
+    return (
+        f"- {label[0].upper()}{label[1:]}, the heap backend's median p99 against the floor's: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def storm_collapses(results: Result) -> str | None:
     """CPU burnt by the thread-per-session runs that fell behind, against those that kept up."""
     kept: list[float] = []
@@ -1096,11 +1133,12 @@ def storm_section(results: Result) -> list[str]:
         "restart that logged everyone in again: N refreshes due at random instants within",
         f"{window:g} s, each timed where its token is *delivered*: `on_refresh` minus the",
         "due time, through the real `Scheduler` (`get_access_token` returns at once;",
-        "default `max_workers=4` and `fetch_timeout`), and the timer's callback for a bare",
-        "`threading.Timer`.",
+        "default `max_workers=4` and `fetch_timeout`), and the callback for the others.",
+        "The *floor* is one thread that calls the callback for each session in deadline",
+        "order as it falls due: no lock, no hand-off, what one thread can do.",
         (
             f"Each (N, contender) ran {repeats} times; the figures are the median run's (by p99),"
-            " and the last column gives every run's p99."
+            " and the last column gives every run, in the order they ran."
             if repeats > 1
             else "Each (N, contender) ran once."
         ),
@@ -1115,7 +1153,8 @@ def storm_section(results: Result) -> list[str]:
         lines += [
             f"### {label[0].upper()}{label[1:]}",
             "",
-            "| N | contender | p50 | p99 | max | ≤ 5 s | last delivery | p99, each run |",
+            "| N | contender | p50 | p99 | max | ≤ 5 s | last delivery |"
+            " each run: p99 (delivered, if not all) |",
             "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
         lines += [storm_row(results, name, n, mode) for n in sizes for name in names]
@@ -1129,6 +1168,7 @@ def storm_section(results: Result) -> list[str]:
         lines += ["What the figures show:", ""]
         lines += [storm_summary(results, mode) for mode in shown]
         lines += [line for mode in shown if (line := storm_ratios(results, mode))]
+        lines += [line for mode in shown if (line := floor_ratios(results, mode))]
         lines.append("")
     collapses = storm_collapses(results)
     lines += [
@@ -1199,7 +1239,8 @@ def storm_section(results: Result) -> list[str]:
         "  a fresh worker process, so that a noisy minute hits every contender alike.",
         "- All N are scheduled before the first is due (starting a thread per session takes",
         "  up to a millisecond each, so the thread contenders get a lead of 2 ms per",
-        "  session; a run whose scheduling still ran into the window says so); *busy* starts a",
+        "  session, APScheduler 0.4 ms; a run whose scheduling still ran into the window says",
+        "  so); *busy* starts a",
         "  pure-Python loop in another thread of the process as scheduling ends (it gives up",
         "  the GIL only at the 5 ms switch interval).",
         f"- Every run is bounded: it waits {drain:g} s after the window for the last",
@@ -1212,6 +1253,107 @@ def storm_section(results: Result) -> list[str]:
         "",
     ]
     return lines
+
+
+# -- the per-refresh budget --------------------------------------------------
+
+BUDGET_HEADING = "## What one refresh costs"
+
+
+def per_refresh(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def budget_row(name: str, result: Result) -> str:
+    why = blank(result)
+    if why is not None or "acquires_per_refresh" not in result:
+        return f"| {name} | {why or result.get('error', '-')} | | | | | |"
+    n, fired = int(result["n"]), int(result["fired"])
+    delivered = f"{fired:,}" + ("" if fired >= n else f" of {n:,}")
+    voluntary = per_refresh(result["voluntary_switches"] / fired) if fired else "-"
+    involuntary = per_refresh(result["involuntary_switches"] / fired) if fired else "-"
+    return (
+        f"| {name} | {delivered} | "
+        f"{per_refresh(result['acquires_per_refresh'])} | "
+        f"{per_refresh(result['waits_per_refresh'])} | "
+        f"{per_refresh(result['notifies_per_refresh'])} | "
+        f"{per_refresh(result['queue_ops_per_refresh'])} | "
+        f"{per_refresh(result['switches_per_refresh'])} ({voluntary} + {involuntary}) |"
+    )
+
+
+def budget_sites(name: str, result: Result) -> list[str]:
+    """Where a contender's counts come from: each creation site, per refresh."""
+    fired = int(result.get("fired", 0))
+    sites: dict[str, dict[str, int]] = result.get("sites", {})
+    if not fired or not sites:
+        return []
+    lines = [
+        f"{name}, per delivered refresh, by the line that created the lock (and, in",
+        "brackets, the line that built the object holding it):",
+        "",
+        "| created at | locks | waits | notifies | queue put/get |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for site, counts in sorted(sites.items(), key=lambda item: -sum(item[1].values())):
+        where, _, source = site.partition(" `")
+        source = "`" + source.replace("|", "\\|")  # inside a table cell, even in backticks
+        lines.append(
+            f"| {where} {source} | {counts['acquires'] / fired:.2f} |"
+            f" {counts['waits'] / fired:.2f} | {counts['notifies'] / fired:.2f} |"
+            f" {counts['queue_ops'] / fired:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def budget_section(results: Result) -> list[str]:
+    """The "What one refresh costs" section, from results["budget"]."""
+    budget: dict[str, Result] = results["budget"]
+    meta = results["meta"]
+    first = next(iter(budget.values()))
+    n, window = int(first.get("n", 0)), float(first.get("window", math.nan))
+    lines = [
+        BUDGET_HEADING,
+        "",
+        f"What one delivered refresh costs in hand-offs: {n:,} refreshes due at random",
+        f"instants within {window:g} s, calm, `get_access_token` returning at once, counted",
+        "from the end of scheduling to the last delivery (one run each; the counts vary a",
+        "little from run to run, with how often a thread finds work already waiting).",
+        "",
+        "| contender | delivered | locks | waits | notifies | queue put/get |"
+        " context switches (voluntary + involuntary) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        *(budget_row(name, result) for name, result in budget.items()),
+        "",
+        "Per delivered refresh. *Locks*: acquisitions of every `Lock`, `RLock` and",
+        "`Condition` the scheduler created (`with` included, and a condition's",
+        "re-acquisition after `wait()`); *waits*: `Condition.wait()` calls (a thread that",
+        "sleeps and is woken: the timer thread's wake-ups are here) and `SimpleQueue.get()`",
+        "on an empty queue; *notifies*: those that had a waiter to wake; *context",
+        "switches*: every thread of the process but the main one (`getrusage`, ended",
+        "threads included). Not seen: locks taken inside C code (the GIL, `SimpleQueue`'s",
+        "own) and `Thread.join()`. The counting wrappers slow each lock down, so these",
+        "runs give no lateness worth quoting.",
+        "",
+    ]
+    for name, result in budget.items():
+        if name != FLOOR:
+            lines += budget_sites(name, result)
+    lines += [
+        f"Run {meta['started']}, `{meta['command']}`; token_refresh git"
+        f" {meta['versions'].get('git')}, {meta['machine']['python']}"
+        " (`benchmarks/_budget.py` counts; `python benchmarks/run.py --budget` reruns it).",
+        "",
+    ]
+    return lines
+
+
+def splice_sections(path: Path, results: Result) -> None:
+    """Rewrite the storm and budget sections of ``path`` that ``results`` holds."""
+    if results.get("storm"):
+        splice_section(path, STORM_HEADING, storm_section(results))
+    if results.get("budget"):
+        splice_section(path, BUDGET_HEADING, budget_section(results))
 
 
 def splice_section(path: Path, heading: str, lines: list[str]) -> None:

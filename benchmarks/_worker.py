@@ -1,6 +1,6 @@
 """One measurement in a fresh process: ``python benchmarks/_worker.py '<json spec>'``.
 
-The spec names a phase (``probe``, ``ops``, ``lateness`` or ``storm``), a
+The spec names a phase (``probe``, ``ops``, ``lateness``, ``storm`` or ``budget``), a
 contender and N. The result is one JSON object on the last line of stdout. The process ends
 with ``os._exit`` so that thousands of leftover timer threads cannot make
 interpreter shutdown slow; ``faulthandler`` dumps the stacks if a phase hangs
@@ -26,6 +26,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from _budget import Meter, install
 from _contenders import CONTENDERS, Contender, FireCallback, Unavailable
 
 Result = dict[str, Any]
@@ -292,14 +293,15 @@ def lateness_from_file(path: str, n: int) -> Result:
     return result
 
 
-def run_lateness(spec: Result) -> Result:
+def run_lateness(spec: Result, meter: Meter | None = None) -> Result:
     """Firing lateness for N sessions due at random instants within ``window`` seconds.
 
     The ``storm`` phase is the same run, timed where each token is delivered
     (``on_refresh``, for token_refresh) rather than where its refresh starts.
+    A ``meter`` counts from the end of scheduling to the last delivery.
     """
     name, n = spec["contender"], int(spec["n"])
-    at_delivery = spec["phase"] == "storm"
+    at_delivery = spec["phase"] in ("storm", "budget")
     window, busy, lead = float(spec["window"]), bool(spec["busy"]), float(spec["lead"])
     rng = random.Random(spec.get("seed", 2))
     ids = [f"session-{i:06d}" for i in range(n)]
@@ -347,10 +349,14 @@ def run_lateness(spec: Result) -> Result:
     if busy:
         spinner.start()
     cpu0, _ = cpu_seconds()
+    if meter is not None:
+        meter.begin()
     deadline = base + window + float(spec.get("drain", 3.0))
     while (left := deadline - time.time()) > 0 and not all_fired.wait(min(left, 0.1)):
         if len(hits) + getattr(contender, "missed", 0) >= n:
             break
+    if meter is not None:
+        meter.end()
     stop.set()
     if busy:
         spinner.join(10)
@@ -367,6 +373,27 @@ def run_lateness(spec: Result) -> Result:
     closer.join(float(spec.get("close_limit", 10.0)))
     result["close_seconds"] = time.perf_counter() - began
     result["closed"] = not closer.is_alive()
+    return result
+
+
+def run_budget(spec: Result) -> Result:
+    """A calm storm run, counting locks, waits and context switches per delivered refresh.
+
+    Instrumented before the contender (and token_refresh) is imported; the
+    counts run from the end of scheduling to the last delivery, so they hold
+    the timer wake-ups, hand-offs and deliveries, and any timer armed anew.
+    """
+    install()
+    meter = Meter()
+    result = run_lateness(spec, meter)
+    delivered = int(result.get("fired", 0))
+    result.update(meter.result)
+    for kind in ("acquires", "waits", "notifies", "queue_ops"):
+        result[f"{kind}_per_refresh"] = meter.result.get(kind, 0) / delivered if delivered else None
+    switches = meter.result.get("voluntary_switches", 0) + meter.result.get(
+        "involuntary_switches", 0
+    )
+    result["switches_per_refresh"] = switches / delivered if delivered else None
     return result
 
 
@@ -389,6 +416,7 @@ PHASES: dict[str, Callable[[Result], Result]] = {
     "ops": run_ops,
     "lateness": run_lateness,
     "storm": run_lateness,
+    "budget": run_budget,
 }
 
 

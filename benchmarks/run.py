@@ -7,10 +7,14 @@
                                         # one-thread contenders only
     python benchmarks/run.py --smoke    # N=100 only, < 30 s, for CI; exit 1 if a
                                         # contender cannot run or a worker fails
-    python benchmarks/run.py --storm    # only the storm rows, 10-15 minutes: 1,000 /
+    python benchmarks/run.py --storm    # only the storm rows, 25-35 minutes: 1,000 /
                                         # 5,000 / 10,000 refreshes due within 1 s,
-                                        # each run 3 times; rewrites that one
-                                        # section of --out
+                                        # each run 3 times, six contenders with the
+                                        # floor; rewrites that one section of --out
+    python benchmarks/run.py --budget   # only the per-refresh budget, under a minute:
+                                        # 1,000 refreshes due within 1 s, counting
+                                        # locks, waits and context switches per
+                                        # delivered refresh; rewrites that section
     python benchmarks/run.py --json results.json   # also keep the raw numbers
     python benchmarks/run.py --render results.json # rewrite the report from them
 
@@ -21,7 +25,11 @@ shared machine hits every contender alike. The full run ends with the
 storm rows (many refreshes due at once, timed at delivery), each repeated
 (``--storm-repeats``, default 3): with thousands of threads due at once a
 thread per session either keeps up or falls seconds behind, from one run to
-the next, so one run per cell would be a coin toss. The report (``--out``, default
+the next, so one run per cell would be a coin toss. Beside them runs the
+floor: one thread that calls the callback for each due session in deadline
+order, what one thread can do. The per-refresh budget (``--budget``; also
+in every full and smoke run) is a calm storm run in a process whose locks
+are counted (``benchmarks/_budget.py``). The report (``--out``, default
 docs/performance.md, with docs/_static/performance.png) gives ratios between
 contenders measured in the same run, never times across runs.
 """
@@ -45,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from _contenders import CONTENDERS
-from _report import STORM_HEADING, splice_section, storm_section, write_chart, write_markdown
+from _report import splice_sections, write_chart, write_markdown
 from _worker import lateness_from_file
 
 Result = dict[str, Any]
@@ -55,12 +63,22 @@ WORKER = HERE / "_worker.py"
 
 #: The storm rows: N refreshes due within STORM_WINDOW seconds, delivered.
 STORM_SIZES = [1000, 5000, 10_000]
-STORM_CONTENDERS = ["token_refresh[thread]", "token_refresh[heap]", "bare Timer"]
+STORM_CONTENDERS = [
+    "token_refresh[thread]",
+    "token_refresh[heap]",
+    "floor",
+    "bare Timer",
+    "bare heap",
+    "APScheduler",
+]
 STORM_WINDOW = 1.0
 #: Seconds after the window that a storm run waits for the last deliveries.
 STORM_DRAIN = 15.0
-#: Runs of each storm cell; the report gives the median run and every run's p99.
+#: Runs of each storm cell; the report gives the median run and every run's figures.
 STORM_REPEATS = 3
+#: The per-refresh budget: contenders, and N refreshes due within STORM_WINDOW seconds.
+BUDGET_CONTENDERS = ["token_refresh[heap]", "token_refresh[thread]", "floor", "bare heap"]
+BUDGET_N = 1000
 
 
 def run_worker(spec: Result, timeout: float, salvage: Callable[[], Result] | None = None) -> Result:
@@ -188,6 +206,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help=f"runs of each storm cell (default {STORM_REPEATS}; --smoke: 1)",
     )
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="only the per-refresh budget (locks, waits, context switches per refresh); "
+        "splice its section into --out (with --storm: both)",
+    )
+    parser.add_argument(
+        "--budget-n",
+        type=int,
+        help=f"refreshes in the budget run (default {BUDGET_N:,}; --smoke: 100)",
+    )
     parser.add_argument("--out", type=Path, help="Markdown report (default docs/performance.md)")
     parser.add_argument("--chart", type=Path, help="PNG (default docs/_static/performance.png)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -203,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         saved: Result = json.loads(args.render.read_text())
         out = args.out or ROOT / "docs" / "performance.md"
         chart = args.chart or (out.parent / "_static" / (out.stem + ".png"))
-        if "runs" not in saved:  # a --storm run: its section only
-            splice_section(out, STORM_HEADING, storm_section(saved))
-            print(f"rewrote the storm section of {out} from {args.render}", file=sys.stderr)
+        if "runs" not in saved:  # a --storm or --budget run: their sections only
+            out.parent.mkdir(parents=True, exist_ok=True)
+            splice_sections(out, saved)
+            print(f"rewrote {out} from {args.render}", file=sys.stderr)
             return 0
         chart.parent.mkdir(parents=True, exist_ok=True)
         write_chart(saved, chart)
@@ -242,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     idle = args.idle if args.idle is not None else idle
     window = args.window if args.window is not None else window
     chart = args.chart or (out.parent / "_static" / (out.stem + ".png"))
-    names = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    names = (
+        args.contenders.split(",")
+        if args.contenders
+        else [name for name, entry in CONTENDERS.items() if not entry.storm_only]
+    )
     unknown = [name for name in names if name not in CONTENDERS]
     if unknown:
         print(f"unknown contenders: {unknown}; choose from {list(CONTENDERS)}", file=sys.stderr)
@@ -250,14 +284,29 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = run_worker({"phase": "probe"}, timeout=60).get("status", {})
     print("contenders:", file=sys.stderr)
-    for name in names:
+    for name in CONTENDERS:
         print(f"  {name:22} {probe.get(name, '?')}", file=sys.stderr)
-    available = [name for name in names if str(probe.get(name, "")).startswith("ok")]
+    # Every contender that runs here; the storm and the budget take the floor from them.
+    available = [name for name in CONTENDERS if str(probe.get(name, "")).startswith("ok")]
     storm_names = list(names if args.contenders else STORM_CONTENDERS)
     scratch = Path(tempfile.mkdtemp(prefix="token_refresh_bench_"))
     storm_window = STORM_WINDOW if not args.smoke else 0.5
     storm_drain = STORM_DRAIN if not args.smoke else 2.0
     storm_repeats = args.storm_repeats or (1 if args.smoke else STORM_REPEATS)
+
+    budget_names = [
+        name for name in (names if args.contenders else BUDGET_CONTENDERS) if name in available
+    ]
+
+    def budget() -> Result:
+        return run_budget(
+            budget_names,
+            args.budget_n or (100 if args.smoke else BUDGET_N),
+            scratch,
+            window=storm_window,
+            lead=0.25 if args.smoke else 0.5,
+            drain=storm_drain,
+        )
 
     def storm() -> Result:
         return run_storm(
@@ -271,14 +320,19 @@ def main(argv: list[str] | None = None) -> int:
             repeats=storm_repeats,
         )
 
-    if args.storm:
-        return storm_only(
-            proc_loadavg_before, args, argv, out, began, started_at, load_before, probe, storm
+    if args.storm or args.budget:
+        phases = {"storm": storm} if args.storm else {}
+        phases.update({"budget": budget} if args.budget else {})
+        return sections_only(
+            proc_loadavg_before, args, argv, out, began, started_at, load_before, probe, phases
         )
 
-    runs: dict[str, dict[str, Result]] = {name: {} for name in names}
+    # The floor is a reference for the storm rows only.
+    runs: dict[str, dict[str, Result]] = {
+        name: {} for name in names if not CONTENDERS[name].storm_only
+    }
     for n in sizes:
-        for name in available:
+        for name in (name for name in available if name in runs):
             cell: Result = {}
             runs[name][str(n)] = cell
             many_threads = CONTENDERS[name].thread_per_session
@@ -322,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     storm_runs = storm() if storm_sizes else {}
     storm_load_after = os.getloadavg()
     storm_proc_after = read_first_line("/proc/loadavg")
+    budget_runs = budget()
     shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - began
     command = "python benchmarks/run.py" + "".join(
@@ -347,8 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
         },
         "probe": probe,
-        "contenders": {name: CONTENDERS[name].description for name in names},
+        "contenders": {
+            name: CONTENDERS[name].description
+            for name in dict.fromkeys([*names, *storm_runs, *budget_runs])
+        },
         "runs": runs,
+        "budget": budget_runs,
     }
     if storm_runs:
         results["storm"] = storm_runs
@@ -368,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     write_chart(results, chart)
     write_markdown(results, out, chart)
     print(f"wrote {out} and {chart} in {elapsed:.0f} s", file=sys.stderr)
-    broken = errors(runs) + errors(storm_runs, "storm ")
+    broken = errors(runs) + errors(storm_runs, "storm ") + budget_errors(budget_runs)
     for line in broken:
         print("ERROR", line, file=sys.stderr)
     missing = [name for name in names if name not in available]
@@ -387,6 +446,12 @@ def errors(runs: Result, prefix: str = "") -> list[str]:
         for phase, result in cell.items()
         for each in result.get("runs", [result])
         if "error" in each
+    ]
+
+
+def budget_errors(budget: Result) -> list[str]:
+    return [
+        f"{name} budget: {result['error']}" for name, result in budget.items() if "error" in result
     ]
 
 
@@ -475,6 +540,25 @@ def run_storm(
     }
 
 
+def run_budget(
+    names: list[str], n: int, scratch: Path, *, window: float, lead: float, drain: float
+) -> Result:
+    """One calm storm run per contender, counted (``benchmarks/_budget.py``): budget[name]."""
+    budget: Result = {}
+    for name in names:
+        log = str(scratch / f"budget-log-{name}".replace(" ", "-"))
+        arming = n * CONTENDERS[name].arm_seconds
+        spec = {"phase": "budget", "contender": name, "n": n, "window": window, "busy": False}
+        spec.update(lead=lead + arming, drain=drain, log=log, close_limit=5.0)
+        others = runnable_elsewhere()
+        result = run_worker(spec, timeout=15 + lead + arming + window + drain + 5)
+        result.update(contender=name, n=n, runnable_before=others)
+        Path(log).unlink(missing_ok=True)
+        budget[name] = result
+        report_progress(name, n, "budget", result)
+    return budget
+
+
 def storm_round(
     collected: dict[str, dict[str, dict[str, list[Result]]]],
     names: list[str],
@@ -490,10 +574,8 @@ def storm_round(
     for n in sizes:
         for name in names:
             # All N must be armed before the first is due, or the storm starts while
-            # the main thread is still scheduling and both slow down: starting a
-            # thread per session took 0.5-1.3 ms each here once thousands were up,
-            # and up to 3 ms on a loaded machine: hence twice the calm figure.
-            scheduling = n * (2e-3 if CONTENDERS[name].thread_per_session else 5e-5)
+            # the main thread is still scheduling and both slow down.
+            scheduling = n * CONTENDERS[name].arm_seconds
             for mode in modes:
                 log = str(scratch / f"storm-log-{name}-{n}-{mode}".replace(" ", "-"))
                 spec = {"phase": "storm", "contender": name, "n": n, "window": window}
@@ -511,7 +593,7 @@ def storm_round(
                 report_progress(name, n, f"storm {mode} #{repeat + 1}", storm)
 
 
-def storm_only(
+def sections_only(
     proc_loadavg_before: str,
     args: argparse.Namespace,
     argv: list[str] | None,
@@ -520,29 +602,33 @@ def storm_only(
     started_at: datetime,
     load_before: tuple[float, float, float],
     probe: Result,
-    storm: Callable[[], Result],
+    phases: dict[str, Callable[[], Result]],
 ) -> int:
-    """``--storm``: run the storm rows alone and rewrite only their section of ``out``."""
-    runs = storm()
+    """``--storm`` and/or ``--budget``: run them alone, rewrite only their sections of ``out``."""
+    found = {phase: run() for phase, run in phases.items()}
+    runs, budget = found.get("storm", {}), found.get("budget", {})
     elapsed = time.perf_counter() - began
     command = "python benchmarks/run.py" + "".join(
         f" {arg}" for arg in (argv if argv is not None else sys.argv[1:])
     )
-    results: Result = {
-        "meta": {
-            "started": started_at.strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command,
-            "elapsed": elapsed,
-            "machine": describe_machine(),
-            "versions": versions(),
-            "storm_load_before": load_before,
-            "storm_load_after": os.getloadavg(),
+    meta: Result = {
+        "started": started_at.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "elapsed": elapsed,
+        "machine": describe_machine(),
+        "versions": versions(),
+        "smoke": args.smoke,
+    }
+    if "storm" in found:
+        meta.update(
+            storm_load_before=load_before,
+            storm_load_after=os.getloadavg(),
             # With the running/total thread counts, which the averages lag behind.
-            "storm_proc_loadavg": [proc_loadavg_before, read_first_line("/proc/loadavg")],
-            "storm_sizes": sorted({int(n) for cells in runs.values() for n in cells}),
-            "storm_window": STORM_WINDOW if not args.smoke else 0.5,
-            "storm_drain": STORM_DRAIN if not args.smoke else 2.0,
-            "storm_repeats": max(
+            storm_proc_loadavg=[proc_loadavg_before, read_first_line("/proc/loadavg")],
+            storm_sizes=sorted({int(n) for cells in runs.values() for n in cells}),
+            storm_window=STORM_WINDOW if not args.smoke else 0.5,
+            storm_drain=STORM_DRAIN if not args.smoke else 2.0,
+            storm_repeats=max(
                 (
                     len(r.get("runs", [r]))
                     for c in runs.values()
@@ -551,21 +637,26 @@ def storm_only(
                 ),
                 default=1,
             ),
-            "smoke": args.smoke,
-        },
+        )
+    results: Result = {
+        "meta": meta,
         "probe": probe,
-        "contenders": {name: CONTENDERS[name].description for name in runs},
-        "storm": runs,
+        "contenders": {
+            name: CONTENDERS[name].description for name in dict.fromkeys([*runs, *budget])
+        },
+        **found,
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    splice_section(out, STORM_HEADING, storm_section(results))
-    print(f"rewrote the storm section of {out} in {elapsed:.0f} s", file=sys.stderr)
-    broken = errors(runs, "storm ")
+    splice_sections(out, results)
+    print(
+        f"rewrote the {' and '.join(found)} section(s) of {out} in {elapsed:.0f} s", file=sys.stderr
+    )
+    broken = errors(runs, "storm ") + budget_errors(budget)
     for line in broken:
         print("ERROR", line, file=sys.stderr)
-    return 1 if broken or not runs else 0
+    return 1 if broken or not all(found.values()) else 0
 
 
 def report_progress(name: str, n: int, phase: str, result: Result) -> None:
@@ -581,6 +672,14 @@ def report_progress(name: str, n: int, phase: str, result: Result) -> None:
         )
     elif "skipped" in result:
         summary = "skipped"
+    elif phase == "budget" and result.get("fired"):
+        summary = (
+            f"per refresh: {result['acquires_per_refresh'] or 0:.1f} locks,"
+            f" {result['waits_per_refresh'] or 0:.1f} waits,"
+            f" {result['queue_ops_per_refresh'] or 0:.1f} queue ops,"
+            f" {result['switches_per_refresh'] or 0:.1f} context switches;"
+            f" fired {result['fired']}/{n}"
+        )
     else:
         summary = (
             f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
