@@ -902,12 +902,14 @@ class Watchdog:
         # When the thread wakes by itself (monotonic): inf while it waits for
         # a first watch, 0 while it is awake (it looks at the inbox before it sleeps).
         self._wakes_at = math.inf
+        self._linger = 0.0  # the latest timeout a call was watched for
         self._thread: threading.Thread | None = None
         self._stopped = False
 
     def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
         """Call ``callback`` after ``timeout`` unless cancelled; None if no thread can watch."""
         watch = _Watch(callback, time.monotonic() + timeout)
+        self._linger = timeout
         self._inbox.append(watch)
         # Read after the append; the thread sets it before it reads the inbox.
         if watch.deadline < self._wakes_at:
@@ -942,20 +944,29 @@ class Watchdog:
         with self._wake:
             while not self._stopped:
                 self._wakes_at = 0.0  # awake: a watch added now wakes nobody
+                took = bool(self._inbox)
                 while self._inbox:
                     watch = self._inbox.popleft()
                     heapq.heappush(watched, (watch.deadline, next(sequence), watch))
-                due = self._due(watched, time.monotonic())
+                now = time.monotonic()
+                due = self._due(watched, now)
                 if due:
                     self._call(due)
                     continue
-                wakes_at = watched[0][0] if watched else math.inf
+                if watched:
+                    wakes_at = watched[0][0]
+                elif took:
+                    # Nothing left to watch, but calls keep coming: sleep as long as
+                    # a call is watched for, and the next ones, which end later
+                    # still, wake nobody (a wake-up per fetch, else).
+                    wakes_at = now + self._linger
+                else:
+                    wakes_at = math.inf
                 self._wakes_at = wakes_at
-                if self._inbox:
-                    continue  # came before _wakes_at was set: it may be earlier
-                self._wake.wait(
-                    None if not watched else min(wakes_at - time.monotonic(), threading.TIMEOUT_MAX)
-                )
+                if self._inbox:  # pragma: no cover - a watch came in the last few bytecodes
+                    continue  # before _wakes_at was set: it may be earlier
+                wait = min(wakes_at - now, threading.TIMEOUT_MAX)
+                self._wake.wait(None if wakes_at == math.inf else wait)
             del watched
 
     @staticmethod
