@@ -363,3 +363,15 @@ CONTENDERS: dict[str, Entry] = {
         storm_only=True,
     ),
 }
+
+#: The same two backends from another checkout (``run.py --baseline DIR``): the
+#: worker imports token_refresh from there, so a change is measured against the
+#: code before it in one interleaved run.
+BASELINE: dict[str, Entry] = {
+    f"baseline[{timers}]": CONTENDERS[f"token_refresh[{timers}]"]._replace(
+        description=f"token_refresh from --baseline, `timers={timers!r}`",
+        storm_only=True,
+    )
+    for timers in ("heap", "thread")
+}
+CONTENDERS.update(BASELINE)

@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _contenders import CONTENDERS
+from _contenders import BASELINE, CONTENDERS
 from _report import splice_sections, write_chart, write_markdown
 from _worker import lateness_from_file
 
@@ -79,6 +79,8 @@ STORM_REPEATS = 3
 #: The per-refresh budget: contenders, and N refreshes due within STORM_WINDOW seconds.
 BUDGET_CONTENDERS = ["token_refresh[heap]", "token_refresh[thread]", "floor", "bare heap"]
 BUDGET_N = 1000
+#: A checkout whose token_refresh the baseline[...] contenders import (--baseline).
+BASELINE_TREE: Path | None = None
 
 
 def run_worker(spec: Result, timeout: float, salvage: Callable[[], Result] | None = None) -> Result:
@@ -88,6 +90,11 @@ def run_worker(spec: Result, timeout: float, salvage: Callable[[], Result] | Non
     cannot get the GIL; ``salvage`` then recovers what it had recorded.
     """
     spec = {**spec, "timeout": timeout}
+    env = None
+    if str(spec.get("contender", "")).startswith("baseline["):
+        if BASELINE_TREE is None:
+            return {"error": "baseline contenders need --baseline DIR"}
+        env = {**os.environ, "PYTHONPATH": str(BASELINE_TREE)}
     began = time.perf_counter()
     try:
         done = subprocess.run(
@@ -97,6 +104,7 @@ def run_worker(spec: Result, timeout: float, salvage: Callable[[], Result] | Non
             timeout=timeout + 15,
             cwd=HERE,
             check=False,
+            env=env,
         )
         lines = done.stdout.strip().splitlines()
         result: Result = json.loads(lines[-1])
@@ -183,6 +191,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", help="comma-separated N (default 100,1000,10000,100000)")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the storm and budget rows on the token_refresh of this checkout "
+        "(contenders baseline[heap] and baseline[thread]), interleaved with the others",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="2 s idle, fewer rounds, lateness at 10,000 only, thread-per-session at <= 10,000",
@@ -228,6 +243,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.baseline is not None:
+        global BASELINE_TREE
+        BASELINE_TREE = args.baseline.resolve()
+        revision = subprocess.run(
+            ["git", "-C", str(BASELINE_TREE), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        for name, entry in BASELINE.items():
+            timers = name[len("baseline[") : -1]
+            CONTENDERS[name] = entry._replace(
+                description=f"token_refresh at git `{revision or '?'}` (--baseline), "
+                f"`timers={timers!r}`"
+            )
+        STORM_CONTENDERS[2:2] = ["baseline[thread]", "baseline[heap]"]
+        BUDGET_CONTENDERS[2:2] = ["baseline[heap]", "baseline[thread]"]
     if args.render:
         saved: Result = json.loads(args.render.read_text())
         out = args.out or ROOT / "docs" / "performance.md"

@@ -204,7 +204,14 @@ class TestAlarms:
         """If no thread can watch a fetch for its timeout, the fetch still runs and delivers."""
         delivered = threading.Event()
         sched = Scheduler(lambda: "t", lambda s, t: delivered.set(), fetch_timeout=30)
-        monkeypatch.setattr(HeapTimers, "start", _refuse)
+        start = threading.Thread.start
+
+        def refuse_the_watchdog(thread: threading.Thread) -> None:
+            if thread.name.endswith("-watchdog"):
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", refuse_the_watchdog)
         try:
             sched.schedule("s1", make_jwt({"exp": time.time() - 1}))  # refreshed at once
             assert delivered.wait(WAIT)

@@ -225,6 +225,12 @@ class Reporter:
         """Whether anything receives events (else none is built)."""
         return self.on_event is not None or bool(self.observers)
 
+    def wanted(self, outcome: str) -> bool:
+        """Whether an outcome is logged or sent anywhere (else its fields need not be built)."""
+        line = OUTCOMES[outcome]
+        logged = line.message is not None and _log.isEnabledFor(line.level)
+        return logged or (line.event is not None and self.listening())
+
     def say(self, outcome: str, session_id: str = "", **fields: Any) -> None:
         """Write an outcome's log line only (lines that have no event)."""
         line = OUTCOMES[outcome]

@@ -478,6 +478,8 @@ class _Refresher:
                         state.apply(machine.abandon_delivery(attempt.session_id))
 
     def _report_refreshed(self, state: _State, attempt: Attempt, token: str) -> None:
+        if not self._reporter.wanted("refreshed"):
+            return  # a storm of refreshes fingerprints no token for nobody
         listening = self._reporter.listening()
         fields = {
             "token_fingerprint": fingerprint(token),
