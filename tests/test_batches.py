@@ -151,7 +151,7 @@ class TestBatches:
         assert "sk-ant-si-" not in caplog.text
 
     def test_a_closed_pool_drops_the_rest_of_a_batch(self) -> None:
-        """Once the pool is closed, a batch being drained runs no further job."""
+        """Once the pool is closed, the backlog being run runs no further job."""
         pool = Workers("token-refresh-batch-test", max_workers=1, max_stuck=1)
         inside, release = threading.Event(), threading.Event()
         ran: list[int] = []
@@ -163,11 +163,11 @@ class TestBatches:
         pool.gather()
         pool.submit(first)
         pool.submit(lambda: ran.append(2))
-        batch = pool.hand_over()
-        assert batch is not None
+        pool.hand_over()
         assert inside.wait(WAIT)
+        assert pool.backlog(time.monotonic())  # the second job waits
         threads = pool.close()
-        assert not pool.reshare(batch, time.monotonic())  # closed: nothing to look after
+        assert not pool.backlog(time.monotonic())  # closed: nothing waits any more
         release.set()
         for thread in threads:
             thread.join(WAIT)

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 _log = logging.getLogger("token_refresh")
 
@@ -31,9 +31,8 @@ EXIT_GRACE = 1.0
 # A parked alarm thread looks at its state this often (seconds) when nothing wakes it.
 _PARKED = 300.0
 
-# The heap's thread hands due timers to the workers in batches of at most this
-# many; a batch still not drained this long (seconds) after a worker took it
-# goes to one more worker (its worker is stuck in a job, or cannot keep up).
+# The heap's thread takes at most this many due timers at a time; when one job
+# of the workers' backlog has run this long (seconds), one more worker joins.
 _BATCH = 256
 _STALLED = 0.05
 
@@ -498,10 +497,10 @@ class HeapTimers:
     Cancelled entries stay in the heap (cancelling is O(1)) and are skipped
     when they surface; the heap is rebuilt when more than half of it is dead.
     Given ``workers``, the thread runs every timer due at once in a row and
-    hands what they submit to the workers as one batch (one hand-off for a
-    storm's worth of refreshes, not one each); while a batch is not drained it
-    wakes every ``_STALLED`` seconds, and a batch whose worker is stuck in one
-    job goes to another worker too.
+    adds what they submit to the workers' backlog in one go (one hand-off for
+    a storm's worth of refreshes, not one each); while the backlog is not
+    empty it wakes every ``_STALLED`` seconds, and if the backlog's worker is
+    stuck in one job, another worker joins it.
     """
 
     def __init__(
@@ -626,7 +625,6 @@ class HeapTimers:
         return [] if thread is None else [thread]
 
     def _run(self) -> None:
-        handed: list[_Batch] = []  # batches handed to the workers and not yet drained
         with self._wakeup:
             while not self._stopped:
                 # Watched while it has timers (registering releases the lock).
@@ -635,13 +633,11 @@ class HeapTimers:
                 now = time.monotonic()
                 due = self._take_due(now)
                 if due:
-                    handed += self._fire(due)
+                    self._fire(due)
                     continue
-                if self._workers is not None:
-                    handed = [batch for batch in handed if self._workers.reshare(batch, now)]
                 wait = self._heap[0][0] - now if self._heap else math.inf
-                if handed:
-                    wait = min(wait, _STALLED)  # look again at the batches not yet drained
+                if self._workers is not None and self._workers.backlog(now):
+                    wait = min(wait, _STALLED)  # look again while work handed over waits
                 self._sleep(now, wait)
             self._watch(False)
 
@@ -671,8 +667,8 @@ class HeapTimers:
                 break
         return due
 
-    def _fire(self, due: list[Callable[[], None]]) -> list[_Batch]:
-        """Run the callbacks of due timers (lock released); what they submit goes as one batch."""
+    def _fire(self, due: list[Callable[[], None]]) -> None:
+        """Run the callbacks of due timers (lock released); what they submit goes in one go."""
         self._wakeup.release()  # never run a callback holding the heap's lock
         workers = self._workers
         try:
@@ -685,22 +681,16 @@ class HeapTimers:
                     _internal_error(error)
         finally:
             due.clear()  # an idle thread must not keep its scheduler alive
-            batch = None if workers is None else workers.hand_over()
+            if workers is not None:
+                workers.hand_over()
             self._wakeup.acquire()
-        return [] if batch is None else [batch]
 
 
-# -- Workers ------------------------------------------------------------------
+class _Drain:
+    """Put on a pool's queue: the worker that gets it runs the backlog."""
 
 
-class _Batch:
-    """Jobs handed to the workers in one go: any worker may take the next one."""
-
-    __slots__ = ("jobs", "started")
-
-    def __init__(self, jobs: list[Callable[[], None]]) -> None:
-        self.jobs = collections.deque(jobs)
-        self.started = time.monotonic()  # when it was handed to a worker, the last time
+_DRAIN: Final = _Drain()
 
 
 class Workers:
@@ -720,8 +710,14 @@ class Workers:
         self._max_stuck = max_stuck
         # Timer threads only put() on this queue, which takes no lock of ours:
         # thousands of them firing together do not queue on one.
-        self._jobs: queue.SimpleQueue[Callable[[], None] | _Batch | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | _Drain | None] = queue.SimpleQueue()
         self._gathering = threading.local()  # .jobs: what submit() on this thread collects
+        # Work a timer thread handed over in one go, run in order by one worker
+        # with no hand-off between jobs; a second worker joins only when the
+        # latest job has run _STALLED (hung, or slow: it holds up the rest).
+        self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+        self._draining = 0  # workers running the backlog (changed under _cond, read without)
+        self._job_began = 0.0  # when the backlog's latest job began (monotonic)
         self._cond = threading.Condition(threading.Lock())  # for what follows
         self._threads: set[threading.Thread] = set()  # counted workers
         self._abandoned: set[threading.Thread] = set()  # hung, not counted
@@ -745,28 +741,31 @@ class Workers:
         """Collect what this thread submits from now on, for hand_over()."""
         self._gathering.jobs = []
 
-    def hand_over(self) -> _Batch | None:
-        """Give what this thread gathered to the workers as one batch (None if nothing)."""
+    def hand_over(self) -> None:
+        """Add what this thread gathered to the backlog; wake a worker if none runs it."""
         jobs, self._gathering.jobs = self._gathering.jobs, None
-        if not jobs:
-            return None
-        batch = _Batch(jobs)
-        self._share(batch)
-        return batch
+        if not jobs or self._closed:
+            return
+        self._backlog.extend(jobs)
+        # Read after the extend: a worker that stops draining looks at the
+        # backlog again after it stops counting (see _drain).
+        if not self._draining:
+            self._job_began = time.monotonic()
+            self._wake_drainer()
 
-    def reshare(self, batch: _Batch, now: float) -> bool:
-        """Whether ``batch`` still has jobs; if it was handed over _STALLED ago, another worker
-        takes it too (its worker is stuck in a job, or cannot keep up).
+    def backlog(self, now: float) -> bool:
+        """Whether handed-over work waits; if its latest job began _STALLED ago, one more
+        worker joins (the timer thread's call, as it waits for its next timer).
         """
-        if not batch.jobs or self._closed:
+        if not self._backlog or self._closed:
             return False
-        if now - batch.started >= _STALLED:
-            batch.started = now  # once per _STALLED at most
-            self._share(batch)
+        if now - self._job_began >= _STALLED:
+            self._job_began = now  # once per _STALLED at most
+            self._wake_drainer()
         return True
 
-    def _share(self, batch: _Batch) -> None:
-        self._jobs.put(batch)
+    def _wake_drainer(self) -> None:
+        self._jobs.put(_DRAIN)
         # A worker is woken only if one waits; a new one starts only if none does.
         if len(self._threads) < self._max_workers and self._running >= len(self._threads):
             self._grow()
@@ -790,8 +789,8 @@ class Workers:
             with self._cond:
                 self._running += 1
             try:
-                if isinstance(job, _Batch):
-                    self._drain(job)
+                if isinstance(job, _Drain):
+                    self._drain()
                 else:
                     job()
             except BaseException as error:
@@ -808,14 +807,29 @@ class Workers:
         with self._cond:
             self._threads.discard(me)
 
-    def _drain(self, batch: _Batch) -> None:
-        """Run a batch's jobs one after another, with no hand-off between them."""
-        jobs = batch.jobs
+    def _drain(self) -> None:
+        """Run the backlog until it is empty."""
+        while True:
+            with self._cond:
+                self._draining += 1
+            try:
+                self._run_backlog()
+            finally:
+                with self._cond:
+                    self._draining -= 1
+            # Work handed over after the backlog looked empty, but before this
+            # worker stopped counting, woke nobody: run it too.
+            if self._closed or not self._backlog:  # pragma: no branch - a narrow race
+                return
+
+    def _run_backlog(self) -> None:
+        backlog = self._backlog
         while not self._closed:
             try:
-                job = jobs.popleft()  # another worker may share the batch
+                job = backlog.popleft()  # another worker may run the backlog too
             except IndexError:
                 return
+            self._job_began = time.monotonic()
             try:
                 job()
             except BaseException as error:
@@ -836,6 +850,7 @@ class Workers:
     def close(self) -> list[threading.Thread]:
         with self._cond:
             self._closed = True
+            self._backlog.clear()
             threads = [t for t in self._threads | self._abandoned if t.ident is not None]
             wake = len(self._threads) + len(self._abandoned)
         dropped = []  # cleared after the lock (see _SessionTimer.cancel)
