@@ -86,7 +86,8 @@ class TestBatches:
 
     def test_a_stuck_job_hands_the_rest_of_its_batch_to_another_worker(self) -> None:
         """A batch whose worker is stuck in one job is drained by another worker meanwhile."""
-        pool = Workers("token-refresh-batch-test", max_workers=2, max_stuck=1)
+        dog = Watchdog("token-refresh-batch-test-watchdog")
+        pool = Workers("token-refresh-batch-test", max_workers=2, max_stuck=1, watchdog=dog)
         heap = HeapTimers("token-refresh-batch-test", workers=pool)
         gate, release, rest = threading.Event(), threading.Event(), threading.Event()
         workers: dict[int, str] = {}
@@ -112,7 +113,7 @@ class TestBatches:
             assert not release.is_set()
         finally:
             release.set()
-            for thread in heap.stop() + pool.close():
+            for thread in heap.stop() + pool.close() + dog.stop():
                 thread.join(WAIT)
 
     def test_timers_that_submit_nothing_or_fail_hand_over_nothing(

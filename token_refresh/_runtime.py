@@ -31,8 +31,9 @@ EXIT_GRACE = 1.0
 # A parked alarm thread looks at its state this often (seconds) when nothing wakes it.
 _PARKED = 300.0
 
-# The heap's thread takes at most this many due timers at a time; when one job
-# of the workers' backlog has run this long (seconds), one more worker joins.
+# The heap's thread takes at most this many due timers at a time. Due work
+# joins the workers' backlog, which one worker runs; when a job of it has run
+# this long (seconds), one more worker joins (the watchdog looks).
 _BATCH = 256
 _STALLED = 0.05
 
@@ -346,9 +347,7 @@ class _SessionAlarm:
                 assert callback is not None
                 self._wake.release()
                 try:
-                    callback(payload)
-                except BaseException as error:
-                    _internal_error(error)
+                    self._owner.fire(callback, payload)
                 finally:
                     del callback, payload
                     self._wake.acquire()
@@ -358,8 +357,9 @@ class _SessionAlarm:
 class ThreadTimers:
     """One daemon thread per live session, set again along its refresh chain."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, workers: Workers | None = None) -> None:
         self.name = name
+        self._workers = workers
         # Every started alarm not yet garbage: stop() cancels and joins them all.
         self._started: weakref.WeakSet[_SessionAlarm] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -387,6 +387,20 @@ class ThreadTimers:
         """
         if self._live and not self._watched:
             self._watched = _watcher.add(self)
+
+    def fire(self, callback: Callable[[Any], None], payload: object) -> None:
+        """Run an alarm's callback on its thread; what it submits joins the workers' backlog
+        (a worker is woken only if none runs it)."""
+        workers = self._workers
+        if workers is not None:
+            workers.gather()
+        try:
+            callback(payload)
+        except BaseException as error:
+            _internal_error(error)
+        finally:
+            if workers is not None:
+                workers.hand_over()
 
     def finished(self) -> None:
         """An alarm's thread ended (or never started)."""
@@ -497,10 +511,8 @@ class HeapTimers:
     Cancelled entries stay in the heap (cancelling is O(1)) and are skipped
     when they surface; the heap is rebuilt when more than half of it is dead.
     Given ``workers``, the thread runs every timer due at once in a row and
-    adds what they submit to the workers' backlog in one go (one hand-off for
-    a storm's worth of refreshes, not one each); while the backlog is not
-    empty it wakes every ``_STALLED`` seconds, and if the backlog's worker is
-    stuck in one job, another worker joins it.
+    adds what they submit to the workers' backlog in one go: one hand-off for
+    a storm's worth of refreshes, not one each.
     """
 
     def __init__(
@@ -635,10 +647,7 @@ class HeapTimers:
                 if due:
                     self._fire(due)
                     continue
-                wait = self._heap[0][0] - now if self._heap else math.inf
-                if self._workers is not None and self._workers.backlog(now):
-                    wait = min(wait, _STALLED)  # look again while work handed over waits
-                self._sleep(now, wait)
+                self._sleep(now, self._heap[0][0] - now if self._heap else math.inf)
             self._watch(False)
 
     def _sleep(self, now: float, wait: float) -> None:
@@ -703,8 +712,13 @@ class Workers:
     and a new one takes its place, up to ``max_stuck`` abandoned at once.
     """
 
-    def __init__(self, name: str, max_workers: int, max_stuck: int) -> None:
+    def __init__(
+        self, name: str, max_workers: int, max_stuck: int, watchdog: Watchdog | None = None
+    ) -> None:
         self.pid = os.getpid()
+        # Looks at the backlog _STALLED after work joined a worker already running it.
+        self._watchdog = watchdog
+        self._looking = False  # a look is due
         self._name = name
         self._max_workers = max_workers
         self._max_stuck = max_stuck
@@ -752,11 +766,26 @@ class Workers:
         if not self._draining:
             self._job_began = time.monotonic()
             self._wake_drainer()
+        if not self._looking:
+            self._look_later()  # in case a job of it hangs
+
+    def _look_later(self) -> None:
+        """Have the watchdog look at the backlog in _STALLED (one look pending at a time)."""
+        self._looking = True
+        if self._watchdog is None or self._watchdog.watch(_STALLED, self._look) is None:
+            self._looking = False
+            self._wake_drainer()  # nobody can look later: another worker joins now
+
+    def _look(self) -> None:
+        """The watchdog's look: while work waits, if its latest job began _STALLED ago
+        (hung, or slow), one more worker joins; look again while any waits."""
+        self._looking = False
+        if self.backlog(time.monotonic()):
+            self._look_later()
 
     def backlog(self, now: float) -> bool:
         """Whether handed-over work waits; if its latest job began _STALLED ago, one more
-        worker joins (the timer thread's call, as it waits for its next timer).
-        """
+        worker joins."""
         if not self._backlog or self._closed:
             return False
         if now - self._job_began >= _STALLED:
@@ -1023,15 +1052,15 @@ class ThreadRuntime:
 
     def after_fork(self) -> None:
         _watcher.forked()  # the inherited watcher's lock may be held by a thread not here
+        self._watchdog = Watchdog(f"{self._name}-watchdog")
         self._workers = Workers(
-            f"{self._name}-worker", self._max_workers, max_stuck=self._max_workers
+            f"{self._name}-worker", self._max_workers, self._max_workers, self._watchdog
         )
         self._timers: ThreadTimers | HeapTimers = (
-            ThreadTimers(self._name)
+            ThreadTimers(self._name, workers=self._workers)
             if self._timer_kind == "thread"
             else HeapTimers(self._name, workers=self._workers)
         )
-        self._watchdog = Watchdog(f"{self._name}-watchdog")
 
     def time(self) -> float:
         return _wall()
