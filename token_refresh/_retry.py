@@ -17,7 +17,7 @@ from typing import Final
 
 from ._validate import at_least, seconds
 
-__all__ = ["RetryPolicy", "Verdict"]
+__all__ = ["RetryPolicy", "Verdict", "checked"]
 
 #: The least ``first_delay``: a shorter one would be a refresh loop.
 MIN_FIRST_DELAY: Final = 0.1
@@ -124,6 +124,13 @@ class RetryPolicy:
             if isinstance(said, str) and said:
                 return Verdict(f"terminal: {said}", wait), None
         return Verdict(_built_in(error), wait), None
+
+
+def checked(policy: object) -> RetryPolicy | None:
+    """A ``retry_policy=`` option: a RetryPolicy or None."""
+    if policy is not None and not isinstance(policy, RetryPolicy):
+        raise TypeError(f"retry_policy must be a RetryPolicy or None, not {type(policy).__name__}")
+    return policy
 
 
 def _built_in(error: BaseException) -> str | None:

@@ -35,7 +35,7 @@ from ._machine import (
     Step,
 )
 from ._report import Reporter
-from ._retry import RetryPolicy, Verdict
+from ._retry import RetryPolicy, Verdict, checked
 from ._runtime import Alarm, Runtime, ThreadRuntime, reaper
 from ._validate import at_least, count, require_str, seconds, wait_limit
 from .testing import ManualClock, ManualRuntime
@@ -243,9 +243,6 @@ def _options(
     fetch_limit = wait_limit(fetch_timeout, "fetch_timeout")
     if fetch_limit == 0:
         raise ValueError("fetch_timeout must be positive, or None for no limit")
-    if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
-        kind = type(retry_policy).__name__
-        raise TypeError(f"retry_policy must be a RetryPolicy or None, not {kind}")
     return _Options(
         refresh_buffer=at_least(refresh_buffer, "refresh_buffer", 0.0),
         retry_delay=at_least(retry_delay, "retry_delay", MIN_DELAY, _LOOP),
@@ -253,7 +250,7 @@ def _options(
         expires_in_floor=at_least(expires_in_floor, "expires_in_floor", MIN_DELAY, _LOOP),
         fetch_timeout=fetch_limit,
         jitter=at_least(jitter, "jitter", 0.0),
-        retry_policy=retry_policy,
+        retry_policy=checked(retry_policy),
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import logging
 import os
+import random
 import threading
 import time
 import weakref
@@ -13,10 +15,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from . import _stores
-from ._context import current_session_id, note_served_by
+from . import _retry, _stores
+from ._context import current_session_id, in_refresh, note_served_by
 from ._format import fingerprint
 from ._jwt import decode_jwt_expiry
+from ._retry import RetryPolicy
 from ._stores import (
     REDIS_COMMANDS,
     FileStore,
@@ -223,6 +226,14 @@ class SharedToken:
     so that the next call fetches, at most once per ``reject_interval``
     seconds (default 30, at least 1) for the key across every process
     sharing the store.
+
+    With ``retry_policy=RetryPolicy(...)`` (for daemons; None: as above), a
+    failed fetch holds the key back in the store for the policy's delay, so
+    every process sharing it makes one token request per backoff step; and a
+    call that would fail (or get None) returns instead the last good token
+    while it has not expired (a JWT's ``exp`` or a Grant's ``expires_at``),
+    with one WARNING per token. A Scheduler's refresh still gets the failure:
+    it wants a new token, and backs off on its own ``retry_policy``.
     """
 
     def __init__(
@@ -239,6 +250,7 @@ class SharedToken:
         rotating: bool = False,
         invalid_grant_wait: float = 2.0,
         reject_interval: float = 30.0,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         if not isinstance(key, str) or not key:
             raise TypeError("key must be a non-empty str")
@@ -261,6 +273,7 @@ class SharedToken:
         self._reject_interval = _seconds(reject_interval, "reject_interval")
         if self._reject_interval < 1:
             raise ValueError(f"reject_interval must be at least 1 second, not {reject_interval!r}")
+        self._policy = _retry.checked(retry_policy)
         self._cache: dict[str, Record] = {}  # the last record this process saw, per key
         self._observers: tuple[_Observer, ...] = ()  # token_refresh.otel's hook
         self._prune_at = 64
@@ -275,6 +288,8 @@ class SharedToken:
         self._running: set[_Flight] = set()
         self._held: dict[str, float] = {}  # key -> monotonic time before which calls fail
         self._rejected: dict[str, str] = {}  # key -> the last token reject() dropped
+        self._failing: dict[str, float] = {}  # key -> wall time this process saw it start failing
+        self._kept: dict[str, str] = {}  # key -> the last good token served through a failure
 
     def __repr__(self) -> str:
         return f"SharedToken(key={_printable(self._key)!r}, store={self._store!r})"
@@ -284,7 +299,15 @@ class SharedToken:
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
         try:
-            token, served_by = self._call() if self._fetch is not None else self._read()
+            try:
+                token, served_by = self._call() if self._fetch is not None else self._read()
+            except Exception:
+                kept = self._last_good()
+                if kept is None:
+                    raise
+                token, served_by = kept
+            if token is None:
+                token, served_by = self._last_good() or (None, served_by)
         except BaseException as error:
             if self._observers:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
@@ -334,6 +357,41 @@ class SharedToken:
         if served_by == "fetch" and not start:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
+
+    def _last_good(self) -> tuple[str, ServedBy] | None:
+        """On the retry policy, the last good token while it has not expired (else None).
+
+        Never for a Scheduler's refresh: it wants a new token, and its failure
+        is what makes it back off and retry.
+        """
+        if self._policy is None or in_refresh():
+            return None
+        session_id = current_session_id()
+        if self._per_session and session_id is None:
+            return None
+        key = self._key_for(session_id)
+        with self._lock:
+            record = self._cache.get(key)
+        if record is None:
+            with contextlib.suppress(Exception):
+                record = self._store.read(key)
+        if record is None or record.grant is None or record.refused:
+            return None
+        token = record.grant.access_token
+        expiry = record.grant.expires_at or decode_jwt_expiry(token)
+        if expiry is None or expiry <= time.time():
+            return None  # expired, or an opaque token whose lifetime is not known
+        with self._lock:
+            warn = self._kept.get(key) != token
+            self._kept[key] = token
+        if warn:
+            _log.warning(
+                "[shared:%s] no new token (the token endpoint is failing); serving the last "
+                "good one, %s, until it expires",
+                _printable(key),
+                fingerprint(token),
+            )
+        return token, _served_by(record.writer)
 
     def _read(self) -> tuple[str, ServedBy]:
         """A reader's call: the cached or stored token while it is good, else NoFreshToken."""
@@ -525,6 +583,10 @@ class SharedToken:
                     self._cache[flight.key] = record
             if isinstance(error, RateLimited):
                 self._held[flight.key] = _stores._monotonic() + error.retry_after
+            if record is None or record.grant is None:
+                self._failing.setdefault(flight.key, time.time())  # a failure, or a hold seen
+            else:
+                self._failing.pop(flight.key, None)
             if error is not None:
                 flight.error = error
                 _log.debug(
@@ -543,6 +605,9 @@ class SharedToken:
         self._rejected = {
             k: t for k, t in self._rejected.items() if k in self._cache or k in self._flights
         }
+        live = self._cache.keys() | self._flights.keys() | self._held.keys()
+        self._failing = {k: since for k, since in self._failing.items() if k in live}
+        self._kept = {k: token for k, token in self._kept.items() if k in live}
         self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
 
     # -- through the store (on the flight's thread) ------------------------------
@@ -620,9 +685,11 @@ class SharedToken:
             return
         except BaseException as error:
             self._fetched(began, type(error).__name__)
+            self._back_off(key, record)
             raise
         grant = self._grant(result, began)
         if grant is None:
+            self._back_off(key, record)
             self._finish(flight)
             return
         fresh = Record(grant, version, time.time(), writer=_this_process())
@@ -635,6 +702,33 @@ class SharedToken:
             self._write(key, fresh, stored)
         finally:
             _writing.discard(threading.current_thread())
+
+    def _back_off(self, key: str, record: Record | None) -> None:
+        """On the retry policy, hold the key back in the store after a failed fetch.
+
+        The hold grows with how long the key has been failing: since this
+        process first saw it fail, and never since before the stored token
+        was due for a refresh. Every process sharing the store then waits
+        for it, so the key costs one token request per backoff step.
+        """
+        policy = self._policy
+        if policy is None:
+            return
+        now = time.time()
+        with self._lock:
+            since = self._failing.setdefault(key, now)
+        if record is not None and record.grant is not None:
+            expiry = record.grant.expires_at or decode_jwt_expiry(record.grant.access_token)
+            due = record.fetched_at + self._max_age if expiry is None else expiry - self._min_ttl
+            since = max(since, due)
+        seconds = policy.hold(now - since, random.random())
+        with self._lock:
+            self._held[key] = _stores._monotonic() + seconds
+        try:
+            with self._store_errors("hold_back"):
+                self._store.hold_back(key, seconds=seconds)
+        except StoreUnavailable as error:
+            _warn(key, error, "held back in this process only")
 
     def _basis(self, key: str, record: Record | None) -> tuple[Grant | None, int, int]:
         """What a fetch starts from: the previous grant, the version read and the one to write."""
