@@ -203,7 +203,9 @@ class TestSharedBackoff:
             for _ in range(5):
                 calls = fetch.calls
                 results: list[str | None] = []
-                threads = [ReraisingThread(lambda w=w, out=results: out.append(w())) for w in workers]
+                threads = [
+                    ReraisingThread(lambda w=w, out=results: out.append(w())) for w in workers
+                ]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
@@ -231,7 +233,10 @@ class TestSharedBackoff:
         with time_machine.travel(START, tick=False):
             fetch = Fetcher(DOWN)
             token = SharedToken(fetch, NoHolds(), retry_policy=POLICY)
-            with caplog.at_level(logging.WARNING, "token_refresh.shared"), pytest.raises(OAuthError):
+            with (
+                caplog.at_level(logging.WARNING, "token_refresh.shared"),
+                pytest.raises(OAuthError),
+            ):
                 token()
             with pytest.raises(RateLimited):
                 token()
