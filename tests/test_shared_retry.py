@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -173,6 +174,10 @@ class TestLastGoodToken:
             SharedToken(Fetcher(), retry_policy=300)  # type: ignore[arg-type]
 
 
+def call(token: SharedToken, results: list[str | None]) -> None:
+    results.append(token())
+
+
 class TestSharedBackoff:
     def test_a_first_failure_holds_the_key_back(self) -> None:
         """With nothing stored, a failed fetch holds back first_delay: no request meanwhile."""
@@ -203,9 +208,7 @@ class TestSharedBackoff:
             for _ in range(5):
                 calls = fetch.calls
                 results: list[str | None] = []
-                threads = [
-                    ReraisingThread(lambda w=w, out=results: out.append(w())) for w in workers
-                ]
+                threads = [ReraisingThread(functools.partial(call, w, results)) for w in workers]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
