@@ -11,9 +11,9 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from . import _retry, _stores
 from ._context import current_session_id, in_refresh, note_served_by
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("token_refresh.shared")
+_V = TypeVar("_V")
 
 #: Seconds a call waits for its token beyond ``lease_ttl`` unless ``fetch_timeout=`` says
 #: otherwise, so that a caller outlasts a dead holder's lease and still fetches.
@@ -181,6 +182,24 @@ def _raise_own(error: BaseException) -> NoReturn:
     raise own from error
 
 
+def _alive(record: Record | None) -> str | None:
+    """The record's token if it has not expired and no server refused it, else None.
+
+    An opaque token whose lifetime is not known (no ``expires_at``) may have
+    expired: None.
+    """
+    if record is None or record.grant is None or record.refused:
+        return None
+    token = record.grant.access_token
+    expiry = record.grant.expires_at or decode_jwt_expiry(token)
+    return None if expiry is None or expiry <= time.time() else token
+
+
+def _only(values: dict[str, _V], keys: Set[str]) -> dict[str, _V]:
+    """The entries of ``values`` whose key is in ``keys``."""
+    return {key: value for key, value in values.items() if key in keys}
+
+
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
     _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
 
@@ -299,15 +318,7 @@ class SharedToken:
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
         try:
-            try:
-                token, served_by = self._call() if self._fetch is not None else self._read()
-            except Exception:
-                kept = self._last_good()
-                if kept is None:
-                    raise
-                token, served_by = kept
-            if token is None:
-                token, served_by = self._last_good() or (None, served_by)
+            token, served_by = self._served()
         except BaseException as error:
             if self._observers:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
@@ -358,29 +369,47 @@ class SharedToken:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
 
+    def _served(self) -> tuple[str | None, ServedBy]:
+        """A call's token and who served it (on the retry policy, the last good one if it fails)."""
+        try:
+            token, served_by = self._call() if self._fetch is not None else self._read()
+        except Exception:
+            kept = self._last_good()
+            if kept is None:
+                raise
+            return kept
+        if token is None:
+            return self._last_good() or (None, served_by)
+        return token, served_by
+
     def _last_good(self) -> tuple[str, ServedBy] | None:
         """On the retry policy, the last good token while it has not expired (else None).
 
         Never for a Scheduler's refresh: it wants a new token, and its failure
         is what makes it back off and retry.
         """
-        if self._policy is None or in_refresh():
-            return None
         session_id = current_session_id()
-        if self._per_session and session_id is None:
+        if self._policy is None or in_refresh() or (self._per_session and session_id is None):
             return None
         key = self._key_for(session_id)
+        record = self._last_record(key)
+        token = _alive(record)
+        if record is None or token is None:
+            return None
+        self._serving(key, token)
+        return token, _served_by(record.writer)
+
+    def _last_record(self, key: str) -> Record | None:
+        """This process's last record of the key, else the store's (None if it fails too)."""
         with self._lock:
             record = self._cache.get(key)
         if record is None:
             with contextlib.suppress(Exception):
                 record = self._store.read(key)
-        if record is None or record.grant is None or record.refused:
-            return None
-        token = record.grant.access_token
-        expiry = record.grant.expires_at or decode_jwt_expiry(token)
-        if expiry is None or expiry <= time.time():
-            return None  # expired, or an opaque token whose lifetime is not known
+        return record
+
+    def _serving(self, key: str, token: str) -> None:
+        """Log, once per token, that the last good token is served through a failure."""
         with self._lock:
             warn = self._kept.get(key) != token
             self._kept[key] = token
@@ -391,7 +420,6 @@ class SharedToken:
                 _printable(key),
                 fingerprint(token),
             )
-        return token, _served_by(record.writer)
 
     def _read(self) -> tuple[str, ServedBy]:
         """A reader's call: the cached or stored token while it is good, else NoFreshToken."""
@@ -606,8 +634,7 @@ class SharedToken:
             k: t for k, t in self._rejected.items() if k in self._cache or k in self._flights
         }
         live = self._cache.keys() | self._flights.keys() | self._held.keys()
-        self._failing = {k: since for k, since in self._failing.items() if k in live}
-        self._kept = {k: token for k, token in self._kept.items() if k in live}
+        self._failing, self._kept = _only(self._failing, live), _only(self._kept, live)
         self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
 
     # -- through the store (on the flight's thread) ------------------------------

@@ -114,7 +114,7 @@ class AgentConfig:
 
     store: Path
     keys: tuple[KeyConfig, ...]
-    retry: RetryPolicy = RetryPolicy()  # the outage-proof policy every key's Scheduler runs on
+    retry: RetryPolicy  # the outage-proof policy every key's Scheduler runs on
 
 
 def load_config(path: Path) -> AgentConfig:
