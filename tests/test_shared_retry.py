@@ -193,6 +193,20 @@ class TestSharedBackoff:
             shift(traveller, 0.2)
             assert token() == "t"
 
+    def test_an_interrupt_is_no_outage(self) -> None:
+        """A fetch interrupted (a BaseException) holds nothing back: the next call fetches."""
+
+        class Interrupted(BaseException):
+            pass
+
+        with time_machine.travel(START, tick=False):
+            fetch = Fetcher(Interrupted(), "t")
+            token = SharedToken(fetch, max_age=None, retry_policy=POLICY)  # no failure sharing
+            with pytest.raises(Interrupted):
+                token()
+            assert token() == "t"
+            assert fetch.calls == 2
+
     def test_processes_on_one_filestore_make_one_request_per_step(self, tmp_path: Path) -> None:
         """Eight SharedTokens (processes) on one FileStore: one request per growing step."""
         with time_machine.travel(START, tick=False) as traveller:

@@ -710,9 +710,12 @@ class SharedToken:
                 raise
             self._finish(flight, newer)  # a sibling rotated first: its grant is good
             return
-        except BaseException as error:
+        except Exception as error:
             self._fetched(began, type(error).__name__)
             self._back_off(key, record)
+            raise
+        except BaseException as error:  # an interrupt is no token-server failure: no hold-back
+            self._fetched(began, type(error).__name__)
             raise
         grant = self._grant(result, began)
         if grant is None:
