@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -231,11 +232,11 @@ class TestSharedBackoff:
                 assert fetch.calls == calls + 1  # one request for all eight
                 record = FileStore(tmp_path).read("default")
                 assert record is not None
-                holds.append(round(record.blocked_until - time.time()))  # ms have passed
-                shift(traveller, holds[-1] - 0.1)
+                holds.append(math.ceil(record.blocked_until - time.time()))  # ms have passed
+                shift(traveller, holds[-1] - 1)
                 assert [w() for w in workers] == [JWT] * 8
                 assert fetch.calls == calls + 1  # nobody asks during the hold
-                shift(traveller, 0.1)
+                shift(traveller, 1)
             assert holds == [10, 10, 20, 40, 80]
 
     def test_a_store_that_cannot_hold_back_holds_this_process(
