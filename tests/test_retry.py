@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from token_refresh import RetryPolicy, Scheduler, events
+from token_refresh._machine import Attempt, Fetch, Machine, Report, Step
 from token_refresh.oauth import OAuthError
 from token_refresh.shared import InvalidGrant, RateLimited
 from token_refresh.testing import ManualClock, _ManualAlarm
@@ -362,3 +364,60 @@ def test_no_timer_says_so(clock: ManualClock, log: Log, no_threads: None) -> Non
         clock.advance(60)
     [gave_up] = log.of(events.GaveUp)
     assert (gave_up.failures, gave_up.reason) == (0, "no timer")
+
+
+class TestMachine:
+    """The rule in the pure state machine, with plain values: no clock, no driver."""
+
+    def fail(self, machine: Machine, attempt: Attempt, **verdict: Any) -> Step:
+        step = machine.fetched(
+            replace(attempt, **verdict), None, error="OSError", wall=0.0, monotonic=0.0
+        )
+        machine.commit(step)
+        return step
+
+    def test_backoff_and_terminal_verdicts(self) -> None:
+        """Retries follow the policy's steps (and a wait); a terminal verdict ends the chain."""
+        machine = Machine(retry_delay=60, follow_up_interval=1800, policy=STEADY, draw=lambda: 0.5)
+        step = machine.schedule(
+            "s", object(), delay=0, due=0.0, monotonic=0.0, reason="exp", detail={}
+        )
+        machine.commit(step)
+        fetch = step.then[-1]
+        assert isinstance(fetch, Fetch)
+        attempt, delays = fetch.attempt, []
+        for wait in (0.0, 0.0, 0.0, 500.0, 0.0):
+            step = self.fail(machine, attempt, wait=wait)
+            assert step.arm is not None
+            delays.append(step.arm.delay)
+            attempt = step.arm
+        assert delays == [10, 20, 40, 500, 160]  # jitter 0 here; a wait is a lower bound
+        step = self.fail(machine, attempt, terminal="terminal: invalid_client")
+        assert step.arm is None
+        assert step.give_ups == 1
+        gave_up = [c for c in step.then if isinstance(c, Report) and c.outcome.startswith("gave")]
+        assert [(c.outcome, c.fields) for c in gave_up] == [
+            ("gave_up_terminal", {"failures": 6, "reason": "terminal: invalid_client"})
+        ]
+        assert machine.sessions == {}
+
+    def test_without_a_policy_a_terminal_verdict_changes_nothing(self) -> None:
+        """The seed's rule: a verdict is ignored; the third failure gives up for "failures"."""
+        machine = Machine(retry_delay=60, follow_up_interval=1800)
+        step = machine.schedule(
+            "s", object(), delay=0, due=0.0, monotonic=0.0, reason="exp", detail={}
+        )
+        machine.commit(step)
+        fetch = step.then[-1]
+        assert isinstance(fetch, Fetch)
+        attempt = fetch.attempt
+        for _ in range(2):
+            step = self.fail(machine, attempt, terminal="terminal: invalid_client", wait=999.0)
+            assert step.arm is not None
+            assert step.arm.delay == 60
+            attempt = step.arm
+        step = self.fail(machine, attempt)
+        reports = [c for c in step.then if isinstance(c, Report)]
+        assert [c.fields for c in reports if c.outcome == "gave_up"] == [
+            {"failures": 3, "reason": "failures"}
+        ]
