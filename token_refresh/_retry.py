@@ -115,7 +115,8 @@ class RetryPolicy:
         if self.terminal is not None:
             try:
                 said = self.terminal(error)
-            except Exception as raised:  # the built-in rule decides, and the driver logs it
+            except BaseException as raised:  # the built-in rule decides; the driver logs it
+                # (a KeyboardInterrupt too: it must not leave a refresh that never settles)
                 return Verdict(_built_in(error), wait), raised
             if said is False:
                 return Verdict(None, wait), None
