@@ -710,16 +710,13 @@ class SharedToken:
                 raise
             self._finish(flight, newer)  # a sibling rotated first: its grant is good
             return
-        except Exception as error:
+        except BaseException as error:
             self._fetched(began, type(error).__name__)
-            self._back_off(key, record)
-            raise
-        except BaseException as error:  # an interrupt is no token-server failure: no hold-back
-            self._fetched(began, type(error).__name__)
+            self._back_off(key, record, error)
             raise
         grant = self._grant(result, began)
         if grant is None:
-            self._back_off(key, record)
+            self._back_off(key, record, None)
             self._finish(flight)
             return
         fresh = Record(grant, version, time.time(), writer=_this_process())
@@ -733,8 +730,8 @@ class SharedToken:
         finally:
             _writing.discard(threading.current_thread())
 
-    def _back_off(self, key: str, record: Record | None) -> None:
-        """On the retry policy, hold the key back in the store after a failed fetch.
+    def _back_off(self, key: str, record: Record | None, error: BaseException | None) -> None:
+        """On the retry policy, hold the key back in the store after a failed fetch (``error``).
 
         The hold grows with how long the key has been failing: since this
         process first saw it fail, and never since before the stored token
@@ -742,8 +739,8 @@ class SharedToken:
         for it, so the key costs one token request per backoff step.
         """
         policy = self._policy
-        if policy is None:
-            return
+        if policy is None or not isinstance(error, Exception | None):
+            return  # an interrupt (KeyboardInterrupt, SystemExit) is no token-server failure
         now = time.time()
         with self._lock:
             since = self._failing.setdefault(key, now)
