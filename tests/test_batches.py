@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -74,7 +75,7 @@ class TestBatches:
 
         try:
             for n in range(10):
-                heap.arm(0.0, lambda n=n: fire(n))
+                heap.arm(0.0, functools.partial(fire, n))
             gate.set()
             heap.start()
             assert done.wait(WAIT)
@@ -106,7 +107,7 @@ class TestBatches:
 
         try:
             for n in range(10):
-                heap.arm(0.0, lambda n=n: fire(n))
+                heap.arm(0.0, functools.partial(fire, n))
             heap.start()
             gate.set()
             assert rest.wait(WAIT)  # jobs 1-9 ran while job 0 was stuck
@@ -187,7 +188,12 @@ class TestWatchdog:
                 watch = dog.watch(0.2, lambda: called.append("cancelled one"))
                 assert watch is not None
                 watch.cancel()
-            assert dog.watch(0.2, lambda: (called.append("hung"), fired.set())) is not None
+
+            def hung() -> None:
+                called.append("hung")
+                fired.set()
+
+            assert dog.watch(0.2, hung) is not None
             assert fired.wait(WAIT)
             # After a quiet spell it sleeps until woken again, and a new watch still fires.
             again = threading.Event()

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -22,11 +23,12 @@ from typing import Any
 import pytest
 from test_cli import FakeIssuer
 
+from token_refresh import RetryPolicy
 from token_refresh.cli import main
 from token_refresh.cli._agent import ConfigError, load_config, write_sink
 
 from conftest import terminate
-from strict_oauth import Client, StrictTokenServer
+from strict_oauth import Client, StrictTokenServer, answer
 
 SECRET = "agent-s3cr+t-do-not-show"
 PYTHON_M = [sys.executable, "-m", "token_refresh"]
@@ -549,3 +551,87 @@ class TestAgentProcess:
 
         assert len(issuer.token_requests()) == 1
         assert sink.read_text() == issuer.issued[0]
+
+
+# -- the outage-proof retry policy --------------------------------------------------------------
+
+
+RETRY_KEY = {"token_endpoint": "https://auth.example/token", "client_id": "x"}
+
+
+class TestRetryConfig:
+    def test_the_default_is_the_outage_proof_policy(self, tmp_path: Path) -> None:
+        """Without a [retry] table every key runs on RetryPolicy()'s documented defaults."""
+        path = write_config(tmp_path / "agent.toml", tmp_path / "store", {"a": RETRY_KEY})
+        assert load_config(path).retry == RetryPolicy(
+            first_delay=10, cap=300, multiplier=2, jitter=0.2
+        )
+
+    def test_a_retry_table_sets_it(self, tmp_path: Path) -> None:
+        """[retry] sets first_delay, cap, multiplier and jitter."""
+        path = tmp_path / "agent.toml"
+        text = config_text(tmp_path / "store", {"a": RETRY_KEY})
+        path.write_text(f"{text}[retry]\nfirst_delay = 1\ncap = 60\nmultiplier = 3\njitter = 0\n")
+        assert load_config(path).retry == RetryPolicy(first_delay=1, cap=60, multiplier=3, jitter=0)
+
+    @pytest.mark.parametrize(
+        ("table", "message"),
+        [
+            ("[retry]\ntries = 5\n", "[retry]: unknown setting 'tries'"),
+            ("[retry]\ncap = 7200\n", "[retry]: cap must be at most 3600"),
+            ("[retry]\nfirst_delay = true\n", "[retry]: first_delay must be a number"),
+        ],
+    )
+    def test_mistakes(self, tmp_path: Path, table: str, message: str) -> None:
+        """A wrong [retry] table is a ConfigError naming it."""
+        path = tmp_path / "agent.toml"
+        path.write_text(f"{config_text(tmp_path / 'store', {'a': RETRY_KEY})}{table}")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+
+    def test_retry_must_be_a_table(self, tmp_path: Path) -> None:
+        """retry = 3 is not a [retry] table."""
+        path = tmp_path / "agent.toml"
+        path.write_text(f"retry = 3\n{config_text(tmp_path / 'store', {'a': RETRY_KEY})}")
+        with pytest.raises(ConfigError, match=re.escape("[retry] must be a table")):
+            load_config(path)
+
+
+@pytest.mark.realclock
+@pytest.mark.timeout(60)
+def test_agent_rides_out_an_outage(
+    issuer: FakeIssuer, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """Five 503s in a row (the seed gives up at three): the agent retries and gets its token."""
+    issuer.lifetime = 600.0
+    issuer.queue("/token", *[answer(503, {"error": "temporarily_unavailable"})] * 5)
+    sink = tmp_path / "api.token"
+    key = {"token_endpoint": f"{issuer.url}/token", "client_id": "svc", "sink": str(sink)}
+    config = write_config(tmp_path / "agent.toml", tmp_path / "store", {"api": key})
+    with config.open("a") as file:
+        file.write("[retry]\nfirst_delay = 0.2\ncap = 0.4\njitter = 0\n")
+    agent = AgentProcess(config)
+    agents.append(agent)
+    agent.expect("(failure 4, retrying until the error is terminal)")
+    agent.expect("key api: token ")
+    assert agent.stop()[0] == 0
+    assert len(issuer.token_requests()) == 6
+    assert sink.read_text() == issuer.issued[0]
+    assert "Giving up" not in "".join(agent.log)
+
+
+@pytest.mark.realclock
+@pytest.mark.timeout(60)
+def test_agent_stops_a_key_on_invalid_client(
+    issuer: FakeIssuer, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """invalid_client is terminal: one request, and the log says why the key stopped."""
+    issuer.queue("/token", answer(401, {"error": "invalid_client"}))
+    key = {"token_endpoint": f"{issuer.url}/token", "client_id": "svc"}
+    config = write_config(tmp_path / "agent.toml", tmp_path / "store", {"api": key})
+    agent = AgentProcess(config)
+    agents.append(agent)
+    line = agent.expect("Giving up on sessionId=api")
+    assert "the error is terminal: invalid_client (failure 1)" in line
+    assert agent.stop()[0] == 0
+    assert len(issuer.token_requests()) == 1

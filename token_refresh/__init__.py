@@ -8,9 +8,11 @@ from . import events
 from ._context import current_session_id
 from ._format import format_duration
 from ._jwt import decode_jwt_expiry, decode_jwt_payload
+from ._retry import RetryPolicy
 from ._scheduler import Scheduler, SchedulerClosedError, Stats
 
 __all__ = [
+    "RetryPolicy",
     "Scheduler",
     "SchedulerClosedError",
     "Stats",

@@ -63,6 +63,11 @@ class served_by_context:  # lower case: used as a function (a class costs less p
         _served_by.reset(self._reset)
 
 
+def in_refresh() -> bool:
+    """Whether a Scheduler's refresh is the caller (it wants a new token, not the last one)."""
+    return _served_by.get() is not None
+
+
 def note_served_by(value: ServedBy) -> None:
     """Tell the scheduler calling us (if any) who fetched the token being returned."""
     slot = _served_by.get()

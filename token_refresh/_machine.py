@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from ._retry import RetryPolicy
 from .events import ServedBy, Trigger
 
 __all__ = ["Attempt", "Deliver", "Fetch", "Machine", "Report", "Session", "Step"]
@@ -47,6 +48,8 @@ class Attempt:
     origin: Trigger | None = None  # what started the refresh; None until it starts
     duration: float = 0.0  # seconds its get_access_token call ran, once it has
     served_by: ServedBy | None = None  # who fetched its token, for a SharedToken
+    terminal: str | None = None  # why its failure ends the chain (a retry policy's verdict)
+    wait: float = 0.0  # the least delay before its retry (a RateLimited's retry_after)
 
     # Written out rather than dataclasses.replace(), which costs a storm of
     # refreshes several times more.
@@ -63,10 +66,19 @@ class Attempt:
             self.origin or origin,
             self.duration,
             self.served_by,
+            self.terminal,
+            self.wait,
         )
 
-    def ran(self, duration: float, served_by: ServedBy | None = None) -> Attempt:
-        """The attempt, after its get_access_token call ran for ``duration`` seconds."""
+    def ran(
+        self,
+        duration: float,
+        served_by: ServedBy | None = None,
+        terminal: str | None = None,
+        wait: float = 0.0,
+    ) -> Attempt:
+        """The attempt, after its get_access_token call ran for ``duration`` seconds
+        (``terminal`` and ``wait``: a retry policy's verdict on its error)."""
         return Attempt(
             self.session_id,
             self.generation,
@@ -78,6 +90,8 @@ class Attempt:
             self.origin,
             duration,
             served_by,
+            terminal,
+            wait,
         )
 
 
@@ -160,11 +174,16 @@ class Machine:
         follow_up_interval: float,
         jitter: Callable[[float], float] = lambda delay: delay,
         max_failures: int = MAX_REFRESH_FAILURES,
+        policy: RetryPolicy | None = None,
+        draw: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.retry_delay = retry_delay
         self.follow_up_interval = follow_up_interval
         self.jitter = jitter
         self.max_failures = max_failures
+        # None: the seed's rule (max_failures in a row end the chain, retry_delay apart).
+        self.policy = policy
+        self.draw = draw  # a uniform random number in [0, 1), for the policy's jitter
         self.sessions: dict[str, Session] = {}
         # The seed's failureCounts: kept when a chain gives up, cleared by a
         # token or a cancel, and carried across schedule().
@@ -274,21 +293,26 @@ class Machine:
         failures = self.failures.get(session_id, 0) + 1
         step = Step(session_id, failures=failures, failed=1)
         timed_out = error in ("timeout", "hung")
+        ends = self._ends(attempt, failures)
         fields = {
             "attempt": failures,
-            "max_attempts": self.max_failures,
+            "max_attempts": self.max_failures if self.policy is None else 0,
             "error_type": "TimeoutError" if timed_out else error,
-            "final": failures >= self.max_failures,
+            "final": ends is not None,
             "called": error != "hung",
             "trigger": attempt.origin or attempt.reason,
             "fetch_duration": attempt.duration,
         } | detail
         step.then.append(Report("timed_out" if timed_out else "failed", session_id, fields))
-        if failures >= self.max_failures:
+        if ends is not None:
             step.session, step.release, step.give_ups = None, session.alarm, 1
-            step.then.append(Report("gave_up", session_id, {"failures": failures}))
+            outcome = "gave_up" if ends == "failures" else "gave_up_terminal"
+            step.then.append(Report(outcome, session_id, {"failures": failures, "reason": ends}))
             return step
-        delay = self.jitter(self.retry_delay)
+        if self.policy is None:
+            delay = self.jitter(self.retry_delay)
+        else:
+            delay = self.policy.delay(failures, self.draw(), wait=attempt.wait)
         retry = Attempt(
             session_id,
             attempt.generation,
@@ -302,6 +326,12 @@ class Machine:
         step.session, step.arm = session.arming(retry), retry
         step.then.append(Report("scheduled_retry", session_id, _scheduled(retry)))
         return step
+
+    def _ends(self, attempt: Attempt, failures: int) -> str | None:
+        """Why this failure ends the chain (GaveUp.reason), or None: it is retried."""
+        if self.policy is not None:
+            return attempt.terminal  # on the policy, only a terminal error ends it
+        return "failures" if failures >= self.max_failures else None
 
     def delivered(self, attempt: Attempt, *, wall: float, monotonic: float) -> Step:
         """on_refresh returned (or raised): arm the follow-up, then any result handed over."""
@@ -344,7 +374,7 @@ class Machine:
             for command in step.then
             if not (isinstance(command, Report) and command.outcome.startswith("scheduled_"))
         ]
-        then.append(Report("no_timer", step.session_id, {"failures": 0}))
+        then.append(Report("no_timer", step.session_id, {"failures": 0, "reason": "no timer"}))
         return replace(
             step,
             session=None,

@@ -120,7 +120,7 @@ OUTCOMES: dict[str, Line] = {
         events.RefreshFailed,
         ERROR,
         "No access token available for refresh, sessionId={session} "
-        "(failure {attempt}/{max_attempts})",
+        "(failure {attempt}{max_attempts})",
         _FAILED,
     ),
     "timed_out": Line(
@@ -128,20 +128,32 @@ OUTCOMES: dict[str, Line] = {
         ERROR,
         "get_access_token timed out after {timeout}s for sessionId={session}\n"
         "No access token available for refresh, sessionId={session} "
-        "(failure {attempt}/{max_attempts})",
+        "(failure {attempt}{max_attempts})",
         (*_FAILED, "timeout"),
     ),
     "gave_up": Line(
         events.GaveUp,
         ERROR,
         "Giving up on sessionId={session} after {failures} consecutive failures",
-        ("failures",),
+        ("failures", "reason"),
+    ),
+    "gave_up_terminal": Line(
+        events.GaveUp,
+        ERROR,
+        "Giving up on sessionId={session}: the error is {reason} (failure {failures})",
+        ("failures", "reason"),
     ),
     "no_timer": Line(
         events.GaveUp,
         ERROR,
         "Could not start a timer thread; refresh chain for sessionId={session} stopped",
-        ("failures",),
+        ("failures", "reason"),
+    ),
+    "terminal_raised": Line(
+        None,
+        ERROR,
+        "retry policy's terminal() raised {error_type} for sessionId={session}; "
+        "the built-in rule decides",
     ),
     "retry_dropped": Line(events.RetryDropped, DEBUG, None, ("trigger",)),
     "refreshed": Line(
@@ -175,6 +187,12 @@ OUTCOMES: dict[str, Line] = {
     "observer_raised": Line(None, ERROR, "metrics observer raised {error_type}"),
 }
 
+
+def _of(max_attempts: int) -> str:
+    """ "/3" of "failure 2/3"; on a retry policy (0: no limit) it retries until terminal."""
+    return f"/{max_attempts}" if max_attempts else ", retrying until the error is terminal"
+
+
 # How a field is printed in a log line (anything else: str()).
 _FORMATS: dict[str, Callable[[Any], object]] = {
     "session": session_label,
@@ -185,6 +203,7 @@ _FORMATS: dict[str, Callable[[Any], object]] = {
     "buffer": format_seconds,
     "floor": format_seconds,
     "timeout": format_seconds,
+    "max_attempts": _of,
 }
 
 

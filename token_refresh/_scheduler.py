@@ -35,6 +35,7 @@ from ._machine import (
     Step,
 )
 from ._report import Reporter
+from ._retry import RetryPolicy, Verdict, checked
 from ._runtime import Alarm, Runtime, ThreadRuntime, reaper
 from ._validate import at_least, count, require_str, seconds, wait_limit
 from .testing import ManualClock, ManualRuntime
@@ -239,6 +240,7 @@ class _Options:
     expires_in_floor: float
     fetch_timeout: float | None
     jitter: float
+    retry_policy: RetryPolicy | None = None
 
 
 def _options(
@@ -248,6 +250,7 @@ def _options(
     expires_in_floor: object,
     fetch_timeout: object,
     jitter: object,
+    retry_policy: object = None,
 ) -> _Options:
     fetch_limit = wait_limit(fetch_timeout, "fetch_timeout")
     if fetch_limit == 0:
@@ -259,6 +262,7 @@ def _options(
         expires_in_floor=at_least(expires_in_floor, "expires_in_floor", MIN_DELAY, _LOOP),
         fetch_timeout=fetch_limit,
         jitter=at_least(jitter, "jitter", 0.0),
+        retry_policy=checked(retry_policy),
     )
 
 
@@ -376,7 +380,7 @@ class _Refresher:
         began = self._runtime.monotonic()
         try:
             with served_by_context() as served_by:
-                token, error, raised = self._fetch(state, session_id)
+                token, error, raised, verdict = self._fetch(state, session_id)
         finally:
             if watch is not None:
                 watch.cancel()
@@ -385,7 +389,7 @@ class _Refresher:
             self._reporter.say("returned_late", session_id)
             return
         duration = max(0.0, self._runtime.monotonic() - began)
-        done = attempt.ran(duration, served_by.value)
+        done = attempt.ran(duration, served_by.value, verdict.terminal, verdict.wait)
         if raised:
             # A synchronous throw in the seed: handled before anything queued.
             self._complete(state, done, token, error)
@@ -398,8 +402,11 @@ class _Refresher:
                 self._reporter.say("pool_full", stuck=state.stuck)
             self.carry_out(state, step)
 
-    def _fetch(self, state: _State, session_id: str) -> tuple[str | None, str | None, bool]:
-        """Call get_access_token: the token (None if none), any error's type, and if it raised."""
+    def _fetch(
+        self, state: _State, session_id: str
+    ) -> tuple[str | None, str | None, bool, Verdict]:
+        """Call get_access_token: the token (None if none), any error's type, if it raised,
+        and what the retry policy makes of the error."""
         state.count(running=1)
         try:
             with session_context(session_id):
@@ -407,13 +414,24 @@ class _Refresher:
         except BaseException as error:
             # By type only: an exception's message may quote a token.
             self._reporter.say("raised", session_id, error_type=type(error).__name__)
-            return None, type(error).__name__, True
+            return None, type(error).__name__, True, self._verdict(session_id, error)
         finally:
             state.count(running=-1)
         if token is None or isinstance(token, str):
-            return token or None, None, False
+            return token or None, None, False, _RETRY
         self._reporter.say("not_a_token", session_id, error_type=type(token).__name__)
-        return None, type(token).__name__, False
+        return None, type(token).__name__, False, _RETRY
+
+    def _verdict(self, session_id: str, error: BaseException) -> Verdict:
+        """Whether the retry policy (if any) ends the chain on ``error`` (lock not held)."""
+        policy = self._options.retry_policy
+        if policy is None:
+            return _RETRY
+        verdict, raised = policy.verdict(error)
+        if raised is not None:
+            error_type = type(raised).__name__
+            self._reporter.say("terminal_raised", session_id, error_type=error_type)
+        return verdict
 
     def _complete(
         self, state: _State, attempt: Attempt, token: str | None, error: str | None
@@ -530,6 +548,9 @@ class Scheduler:
     - ``timers`` (``"thread"``): one timer thread per pending session; ``"heap"``:
       one thread for all of them, for thousands of sessions.
     - ``jitter`` (0) and ``rng``: refresh up to ``jitter`` earlier, at random.
+    - ``retry_policy`` (None: the seed's rule, three failures in a row end the
+      chain, ``retry_delay`` apart): a :class:`~token_refresh.RetryPolicy`
+      backs off and retries until the error is terminal; for daemons.
     - ``on_event``: receives an :mod:`~token_refresh.events` record for every step.
     - ``clock``: a :class:`~token_refresh.testing.ManualClock`, in tests.
 
@@ -554,6 +575,7 @@ class Scheduler:
         timers: Literal["thread", "heap"] = "thread",
         jitter: float | timedelta = 0.0,
         rng: random.Random | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         _check_callables(
             get_access_token=get_access_token, on_refresh=on_refresh, on_event=on_event
@@ -566,6 +588,7 @@ class Scheduler:
             expires_in_floor,
             fetch_timeout,
             jitter,
+            retry_policy,
         )
         count(max_workers, "max_workers", 1)
         if clock is not None and not isinstance(clock, ManualClock):
@@ -603,6 +626,8 @@ class Scheduler:
             retry_delay=self._options.retry_delay,
             follow_up_interval=self._options.follow_up_interval,
             jitter=self._jittered if self._options.jitter else _same,
+            policy=self._options.retry_policy,
+            draw=self._rng.random,
         )
 
     def _jittered(self, delay: float) -> float:
@@ -963,6 +988,9 @@ def _deadline(limit: float | None) -> float | None:
 def _left(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (None: for ever), never negative."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+_RETRY = Verdict()  # not terminal, no wait: every failure without a retry policy
 
 
 def _same(delay: float) -> float:

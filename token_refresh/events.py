@@ -135,10 +135,14 @@ class Refreshed(Event):
 class RefreshFailed(Event):
     """No token this time: ``attempt`` of ``max_attempts`` consecutive failures.
 
+    ``max_attempts`` is 0 on a :class:`~token_refresh.RetryPolicy`, which
+    retries until the error is terminal.
+
     ``error_type`` names the exception get_access_token raised, or the type it
     wrongly returned; it is None when it returned None or an empty string.
-    ``final`` is True when no retry follows (the chain gives up, or no timer
-    could be armed for the retry): the refresh has failed, not just an attempt.
+    ``final`` is True when no retry follows (the chain gives up, the error is
+    terminal on a retry policy, or no timer could be armed for the retry):
+    the refresh has failed, not just an attempt.
     ``called`` is False when get_access_token was not called at all, because
     an earlier call for the session still hangs past ``fetch_timeout``.
     ``trigger`` and ``fetch_duration`` are as in :class:`Refreshed`.
@@ -166,12 +170,18 @@ class RefreshTimedOut(RefreshFailed):
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class GaveUp(Event):
-    """The session's refresh chain stopped: too many failures, or no timer could be armed.
+    """The session's refresh chain stopped: too many failures, a terminal error, or no timer.
 
     ``failures`` is 0 when the operating system refused a timer thread.
+    ``reason`` says why: ``"failures"`` (the seed's rule: three in a row),
+    ``"no timer"``, or, on a :class:`~token_refresh.RetryPolicy`,
+    ``"terminal: <why>"`` (``"terminal: invalid_client"``,
+    ``"terminal: unauthorized_client"``, ``"terminal: invalid_grant"``, or
+    what the policy's ``terminal`` callable said).
     """
 
     failures: int
+    reason: str = "failures"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)

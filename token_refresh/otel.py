@@ -211,7 +211,13 @@ class _Meters:
             elif isinstance(event, events.RetryDropped):
                 self.refreshes.add(1, {**label, _OUTCOME: "abandoned", _TRIGGER: event.trigger})
             elif isinstance(event, events.GaveUp):
-                reason = "failures" if event.failures else "no_timer"
+                reason = (
+                    "no_timer"
+                    if event.reason == "no timer"
+                    else "terminal"
+                    if event.reason.startswith("terminal")
+                    else "failures"
+                )
                 self.give_ups.add(1, {**label, "token_refresh.reason": reason})
             elif isinstance(event, events.CallbackError):
                 self.callback_errors.add(1, {**label, _ERROR: event.error_type})

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import logging
 import os
+import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
-from . import _stores
-from ._context import current_session_id, note_served_by
+from . import _retry, _stores
+from ._context import current_session_id, in_refresh, note_served_by
 from ._format import fingerprint
 from ._jwt import decode_jwt_expiry
+from ._retry import RetryPolicy
 from ._stores import (
     REDIS_COMMANDS,
     FileStore,
@@ -53,6 +56,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("token_refresh.shared")
+_V = TypeVar("_V")
 
 #: Seconds a call waits for its token beyond ``lease_ttl`` unless ``fetch_timeout=`` says
 #: otherwise, so that a caller outlasts a dead holder's lease and still fetches.
@@ -178,6 +182,24 @@ def _raise_own(error: BaseException) -> NoReturn:
     raise own from error
 
 
+def _alive(record: Record | None) -> str | None:
+    """The record's token if it has not expired and no server refused it, else None.
+
+    An opaque token whose lifetime is not known (no ``expires_at``) may have
+    expired: None.
+    """
+    if record is None or record.grant is None or record.refused:
+        return None
+    token = record.grant.access_token
+    expiry = record.grant.expires_at or decode_jwt_expiry(token)
+    return None if expiry is None or expiry <= time.time() else token
+
+
+def _only(values: dict[str, _V], keys: Set[str]) -> dict[str, _V]:
+    """The entries of ``values`` whose key is in ``keys``."""
+    return {key: value for key, value in values.items() if key in keys}
+
+
 def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
     _log.warning("[shared:%s] %s; %s", _printable(key), error, outcome)
 
@@ -223,6 +245,14 @@ class SharedToken:
     so that the next call fetches, at most once per ``reject_interval``
     seconds (default 30, at least 1) for the key across every process
     sharing the store.
+
+    With ``retry_policy=RetryPolicy(...)`` (for daemons; None: as above), a
+    failed fetch holds the key back in the store for the policy's delay, so
+    every process sharing it makes one token request per backoff step; and a
+    call that would fail (or get None) returns instead the last good token
+    while it has not expired (a JWT's ``exp`` or a Grant's ``expires_at``),
+    with one WARNING per token. A Scheduler's refresh still gets the failure:
+    it wants a new token, and backs off on its own ``retry_policy``.
     """
 
     def __init__(
@@ -239,6 +269,7 @@ class SharedToken:
         rotating: bool = False,
         invalid_grant_wait: float = 2.0,
         reject_interval: float = 30.0,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         if not isinstance(key, str) or not key:
             raise TypeError("key must be a non-empty str")
@@ -261,6 +292,7 @@ class SharedToken:
         self._reject_interval = _seconds(reject_interval, "reject_interval")
         if self._reject_interval < 1:
             raise ValueError(f"reject_interval must be at least 1 second, not {reject_interval!r}")
+        self._policy = _retry.checked(retry_policy)
         self._cache: dict[str, Record] = {}  # the last record this process saw, per key
         self._observers: tuple[_Observer, ...] = ()  # token_refresh.otel's hook
         self._prune_at = 64
@@ -275,6 +307,8 @@ class SharedToken:
         self._running: set[_Flight] = set()
         self._held: dict[str, float] = {}  # key -> monotonic time before which calls fail
         self._rejected: dict[str, str] = {}  # key -> the last token reject() dropped
+        self._failing: dict[str, float] = {}  # key -> wall time this process saw it start failing
+        self._kept: dict[str, str] = {}  # key -> the last good token served through a failure
 
     def __repr__(self) -> str:
         return f"SharedToken(key={_printable(self._key)!r}, store={self._store!r})"
@@ -284,7 +318,7 @@ class SharedToken:
         if self._pid != os.getpid():
             self._after_fork()  # forked without at-fork hooks (uWSGI)
         try:
-            token, served_by = self._call() if self._fetch is not None else self._read()
+            token, served_by = self._served()
         except BaseException as error:
             if self._observers:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
@@ -334,6 +368,58 @@ class SharedToken:
         if served_by == "fetch" and not start:
             served_by = "thread"  # another call in this process started the fetch
         return (None if flight.grant is None else flight.grant.access_token), served_by
+
+    def _served(self) -> tuple[str | None, ServedBy]:
+        """A call's token and who served it (on the retry policy, the last good one if it fails)."""
+        try:
+            token, served_by = self._call() if self._fetch is not None else self._read()
+        except Exception:
+            kept = self._last_good()
+            if kept is None:
+                raise
+            return kept
+        if token is None:
+            return self._last_good() or (None, served_by)
+        return token, served_by
+
+    def _last_good(self) -> tuple[str, ServedBy] | None:
+        """On the retry policy, the last good token while it has not expired (else None).
+
+        Never for a Scheduler's refresh: it wants a new token, and its failure
+        is what makes it back off and retry.
+        """
+        session_id = current_session_id()
+        if self._policy is None or in_refresh() or (self._per_session and session_id is None):
+            return None
+        key = self._key_for(session_id)
+        record = self._last_record(key)
+        token = _alive(record)
+        if record is None or token is None:
+            return None
+        self._serving(key, token)
+        return token, _served_by(record.writer)
+
+    def _last_record(self, key: str) -> Record | None:
+        """This process's last record of the key, else the store's (None if it fails too)."""
+        with self._lock:
+            record = self._cache.get(key)
+        if record is None:
+            with contextlib.suppress(Exception):
+                record = self._store.read(key)
+        return record
+
+    def _serving(self, key: str, token: str) -> None:
+        """Log, once per token, that the last good token is served through a failure."""
+        with self._lock:
+            warn = self._kept.get(key) != token
+            self._kept[key] = token
+        if warn:
+            _log.warning(
+                "[shared:%s] no new token (the token endpoint is failing); serving the last "
+                "good one, %s, until it expires",
+                _printable(key),
+                fingerprint(token),
+            )
 
     def _read(self) -> tuple[str, ServedBy]:
         """A reader's call: the cached or stored token while it is good, else NoFreshToken."""
@@ -525,6 +611,10 @@ class SharedToken:
                     self._cache[flight.key] = record
             if isinstance(error, RateLimited):
                 self._held[flight.key] = _stores._monotonic() + error.retry_after
+            if record is None or record.grant is None:
+                self._failing.setdefault(flight.key, time.time())  # a failure, or a hold seen
+            else:
+                self._failing.pop(flight.key, None)
             if error is not None:
                 flight.error = error
                 _log.debug(
@@ -543,6 +633,8 @@ class SharedToken:
         self._rejected = {
             k: t for k, t in self._rejected.items() if k in self._cache or k in self._flights
         }
+        live = self._cache.keys() | self._flights.keys() | self._held.keys()
+        self._failing, self._kept = _only(self._failing, live), _only(self._kept, live)
         self._prune_at = 2 * (len(self._cache) + len(self._flights)) + 64
 
     # -- through the store (on the flight's thread) ------------------------------
@@ -620,9 +712,11 @@ class SharedToken:
             return
         except BaseException as error:
             self._fetched(began, type(error).__name__)
+            self._back_off(key, record, error)
             raise
         grant = self._grant(result, began)
         if grant is None:
+            self._back_off(key, record, None)
             self._finish(flight)
             return
         fresh = Record(grant, version, time.time(), writer=_this_process())
@@ -635,6 +729,33 @@ class SharedToken:
             self._write(key, fresh, stored)
         finally:
             _writing.discard(threading.current_thread())
+
+    def _back_off(self, key: str, record: Record | None, error: BaseException | None) -> None:
+        """On the retry policy, hold the key back in the store after a failed fetch (``error``).
+
+        The hold grows with how long the key has been failing: since this
+        process first saw it fail, and never since before the stored token
+        was due for a refresh. Every process sharing the store then waits
+        for it, so the key costs one token request per backoff step.
+        """
+        policy = self._policy
+        if policy is None or not isinstance(error, Exception | None):
+            return  # an interrupt (KeyboardInterrupt, SystemExit) is no token-server failure
+        now = time.time()
+        with self._lock:
+            since = self._failing.setdefault(key, now)
+        if record is not None and record.grant is not None:
+            expiry = record.grant.expires_at or decode_jwt_expiry(record.grant.access_token)
+            due = record.fetched_at + self._max_age if expiry is None else expiry - self._min_ttl
+            since = max(since, due)
+        seconds = policy.hold(now - since, random.random())
+        with self._lock:
+            self._held[key] = _stores._monotonic() + seconds
+        try:
+            with self._store_errors("hold_back"):
+                self._store.hold_back(key, seconds=seconds)
+        except StoreUnavailable as error:
+            _warn(key, error, "held back in this process only")
 
     def _basis(self, key: str, record: Record | None) -> tuple[Grant | None, int, int]:
         """What a fetch starts from: the previous grant, the version read and the one to write."""

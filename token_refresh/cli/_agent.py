@@ -20,6 +20,7 @@ from typing import cast
 from token_refresh import _validate
 from token_refresh._format import fingerprint
 from token_refresh._jwt import decode_jwt_expiry
+from token_refresh._retry import RetryPolicy
 from token_refresh._scheduler import Scheduler
 from token_refresh._stores import replace_file
 from token_refresh.oauth import _checked_url
@@ -55,6 +56,12 @@ The file (secrets only from the environment or files, never in it):
 
   store = "/run/token-refresh"          # the FileStore directory (made 0700)
 
+  [retry]                               # optional: the outage-proof policy's settings
+  first_delay = 10                      # seconds before the first retry (default 10)
+  cap = 300                             # the longest delay, at most 3600 (default 300)
+  multiplier = 2                        # growth per failure (default 2)
+  jitter = 0.2                          # up to this fraction shorter, at random (default 0.2)
+
   [keys.billing]                        # one table per key; the key is its name
   token_endpoint = "https://auth.example.com/oauth/token"   # or issuer = "https://..."
   client_id = "billing-worker"
@@ -65,6 +72,8 @@ The file (secrets only from the environment or files, never in it):
   refresh_buffer = 300                  # seconds before expiry to refresh (default 300)
   sink = "/run/billing/token"           # optional: the token alone, 0600, replaced atomically
 
+A failing token server is retried with backoff until it answers: only invalid_client,
+unauthorized_client or invalid_grant end a key's refreshes (then SIGHUP restarts them).
 It logs one line per refresh (a token's fingerprint, never the token) on stderr.
 exit status: 0 stopped by SIGTERM or SIGINT, 2 the command line or the file is wrong.
 """
@@ -105,6 +114,7 @@ class AgentConfig:
 
     store: Path
     keys: tuple[KeyConfig, ...]
+    retry: RetryPolicy  # the outage-proof policy every key's Scheduler runs on
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -116,15 +126,32 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not TOML: {error}") from None
-    unknown = sorted(set(document) - {"store", "keys"})
+    unknown = sorted(set(document) - {"store", "keys", "retry"})
     if unknown:
-        raise ConfigError(f"{path}: unknown setting {unknown[0]!r} (store and [keys.NAME] only)")
+        raise ConfigError(
+            f"{path}: unknown setting {unknown[0]!r} (store, [retry] and [keys.NAME] only)"
+        )
     store, keys = document.get("store"), document.get("keys")
     if not isinstance(store, str) or not store:
         raise ConfigError(f"{path}: store = DIR is missing (the FileStore directory)")
     if not isinstance(keys, dict) or not keys:
         raise ConfigError(f"{path}: no [keys.NAME] table: nothing to keep fresh")
-    return AgentConfig(Path(store), tuple(_key(path, name, table) for name, table in keys.items()))
+    keyed = tuple(_key(path, name, table) for name, table in keys.items())
+    return AgentConfig(Path(store), keyed, _retry(path, document.get("retry", {})))
+
+
+def _retry(path: Path, table: object) -> RetryPolicy:
+    """The ``[retry]`` table: RetryPolicy's first_delay, cap, multiplier and jitter."""
+    where = f"{path}: [retry]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - {"first_delay", "cap", "multiplier", "jitter"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+    try:
+        return RetryPolicy(**table)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _key(path: Path, name: str, table: object) -> KeyConfig:
@@ -211,22 +238,28 @@ def write_sink(path: Path, token: str) -> None:
 class KeyKeeper:
     """One key kept fresh: a SharedToken on the store, a Scheduler, and the key's sink."""
 
-    def __init__(self, config: KeyConfig, store: FileStore) -> None:
+    def __init__(self, config: KeyConfig, store: FileStore, retry: RetryPolicy) -> None:
         self.config, self.store = config, store
         self.fetcher = Fetcher(config.grant)
         # max_age=None: at its refresh time a token is replaced, however young (a token that
         # lives less than max_age would otherwise be handed back, and refreshed in a loop).
+        # On the policy, a failed fetch holds the key back in the store for every process.
         self.shared = SharedToken(
-            self.fetcher, store, key=config.name, min_ttl=config.refresh_buffer, max_age=None
+            self.fetcher,
+            store,
+            key=config.name,
+            min_ttl=config.refresh_buffer,
+            max_age=None,
+            retry_policy=retry,
         )
         self.scheduler = Scheduler(
             self.shared,
             self._on_refresh,
             label=f"agent:{config.name}",
             refresh_buffer=config.refresh_buffer,
-            # RETRY POLICY: pass retry_policy=RetryPolicy(...) here once token_refresh.RetryPolicy
-            # lands (the outage-proof policy). Until then the default: three failures in a row
-            # end the key's chain, and SIGHUP (or a restart) starts it again.
+            # The outage-proof policy: back off and retry until the token server answers;
+            # only a terminal error (invalid_client, ...) ends the key's chain until SIGHUP.
+            retry_policy=retry,
         )
 
     def start(self) -> None:
@@ -276,7 +309,7 @@ class Agent:
         """Read the file and start every key (ConfigError if the file is wrong)."""
         config = load_config(self.path)
         store = FileStore(config.store)
-        keepers = [KeyKeeper(key, store) for key in config.keys]
+        keepers = [KeyKeeper(key, store, config.retry) for key in config.keys]
         self._close()
         self._keepers = keepers
         for keeper in keepers:
