@@ -206,6 +206,12 @@ class Model:
         outcome = self.outcomes.popleft() if self.outcomes else Outcome("token", DEFAULT_TOKEN)
         if outcome.during is not None:
             self._apply(outcome.during)
+        if outcome.kind == "raise":
+            # A synchronous throw: the seed's catch, and the failure after it, run
+            # now, before any microtask queued meanwhile (by a refresh started
+            # inside the call).
+            self._complete(session, gen, None)
+            return
         self.microtasks.append((session, gen, outcome.value()))
 
     def _drain(self) -> None:

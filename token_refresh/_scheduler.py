@@ -545,6 +545,8 @@ class Scheduler:
     - ``fetch_timeout`` (60, None: never): how long a ``get_access_token`` call
       may run before it counts as a failure; its worker is replaced meanwhile.
     - ``max_workers`` (4): threads that run ``get_access_token`` and ``on_refresh``.
+      Refreshes due together run one after another on one of them (no hand-off
+      between them); another joins whenever one has run 50 ms.
     - ``timers`` (``"thread"``): one timer thread per pending session; ``"heap"``:
       one thread for all of them, for thousands of sessions.
     - ``jitter`` (0) and ``rng``: refresh up to ``jitter`` earlier, at random.
