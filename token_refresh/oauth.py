@@ -513,9 +513,7 @@ class _TokenRequest:
             secrets.append(self._secret)
         return form, headers, secrets
 
-    def _request(
-        self, form: dict[str, str | list[str]], secrets: list[str]
-    ) -> _Reply:
+    def _request(self, form: dict[str, str | list[str]], secrets: list[str]) -> _Reply:
         """Send the grant; its JSON document, when it was sent (wall time) and the answer."""
         form = {"grant_type": self._grant_type, **form}
         if self._scope is not None:

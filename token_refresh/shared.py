@@ -185,8 +185,8 @@ def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
 
 #: A metrics hook: called as ``observe(kind, value, attributes)`` with kind
 #: "call" (1, served_by or error.type), "fetch" (seconds, error.type on a
-#: failure), "lease_wait" (seconds), "store_error" (1, operation, error.type)
-#: or "reject" (1: a refused token forced a fetch).
+#: failure), "lease_wait" (seconds), "store_error" (1, operation, error.type),
+#: "reject" (1: a refused token forced a fetch) or "clock_skew" (seconds, when it changed).
 _Observer = Callable[[str, float, dict[str, str]], None]
 
 
