@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -339,10 +340,33 @@ class TestSchedulerSkew:
             sched.close()
 
     def test_the_context_carries_who_served_and_the_skew(self) -> None:
-        """Outside a scheduler's call nothing is noted; inside, the last note."""
+        """Outside a scheduler's call nothing is noted; inside, who served and the skew."""
         assert served_so_far() == (None, None)
+        now = time.time()
+        same = make_jwt({"iat": now - SKEW, "exp": now - SKEW + LIFETIME})
+        token = SharedToken(lambda: same)
         with served_by_context():
             assert served_so_far() == (None, None)
+            token()
+            served, skew = served_so_far()
+            assert served == "fetch"
+            assert skew is not None
+            assert abs(skew + SKEW) < 2
+        token.reject(same)
+        with served_by_context():
+            token()  # the same token again, after it was refused: served, not cached
+            assert served_so_far() == ("fetch", None)
+
+    @pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")
+    def test_a_forked_child_learns_while_the_parent_holds_the_lock(self) -> None:
+        """A tracker's lock held by another thread at fork() does not hang the child."""
+        tracker = _expiry.SkewTracker()
+        with tracker._lock:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0 if tracker.learn(SKEW) == SKEW else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
 
 
 # -- SharedToken ------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ class SkewTracker:
             self.reported = effective
         return effective
 
-    def _after_fork(self) -> None:
+    def _after_fork(self) -> None:  # pragma: no cover - runs in forked children (tested)
         self._lock = threading.Lock()
 
 
