@@ -19,12 +19,11 @@ A token that is merely old (``iat`` 20 minutes ago, from a cache) says nothing.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import weakref
 
-from ._jwt import decode_jwt_payload
+from ._jwt import decode_jwt_payload, finite_number
 
 __all__ = [
     "SKEW_STEP",
@@ -50,17 +49,6 @@ SKEW_THRESHOLD = 120.0
 SKEW_STEP = 30.0
 
 
-def _number(value: object) -> float | int | None:
-    """A finite real number (never a bool), as it is; else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return value if finite else None
-
-
 def claims(token: str) -> tuple[float | int | None, float | int | None]:
     """A JWT's ``exp`` and ``iat`` (Unix seconds), each None when missing or unusable.
 
@@ -69,7 +57,7 @@ def claims(token: str) -> tuple[float | int | None, float | int | None]:
     payload = decode_jwt_payload(token)
     if not isinstance(payload, dict):
         return None, None
-    return _number(payload.get("exp")) or None, _number(payload.get("iat"))
+    return finite_number(payload.get("exp")) or None, finite_number(payload.get("iat"))
 
 
 def lifetime_end(sent: float, lifetime: object, age: float = 0.0) -> float | None:
@@ -83,7 +71,7 @@ def lifetime_end(sent: float, lifetime: object, age: float = 0.0) -> float | Non
             lifetime = float(lifetime)
         except ValueError:
             return None
-    seconds = _number(lifetime)
+    seconds = finite_number(lifetime)
     if seconds is None or seconds <= 0:
         return None
     return sent + seconds - age
