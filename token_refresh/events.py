@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from ._expiry import SKEW_THRESHOLD
 from ._format import session_label
 
 #: What made a refresh attempt start: the token's ``exp``, an ``expires_in``,
@@ -223,5 +224,5 @@ class ClockSkew(Event):
     session whose token told it.
     """
 
-    skew: float
-    threshold: float
+    skew: float = 0.0
+    threshold: float = SKEW_THRESHOLD
