@@ -194,8 +194,9 @@ def terminate(process: subprocess.Popen[str]) -> None:
 class MockOAuthServer:
     """oauth2-mock-server in a Node process on 127.0.0.1: short-lived tokens, faults on demand."""
 
-    def __init__(self, lifetime: float) -> None:
+    def __init__(self, lifetime: float, *, wrapper: tuple[str, ...] = ()) -> None:
         self.lifetime = lifetime
+        self.wrapper = wrapper  # a command the server runs under (faketime and its offset)
         self.port = 0  # 0 until started: the OS picks; a restart keeps the port
         self.output: list[str] = []  # every line it printed, for failure messages
         self._process: subprocess.Popen[str] | None = None
@@ -214,7 +215,15 @@ class MockOAuthServer:
         """Start the server (on the same port as before, after a stop) and wait until it listens."""
         assert self._process is None, "already running"
         self._process = subprocess.Popen(
-            ["node", "server.mjs", "--port", str(self.port), "--lifetime", str(self.lifetime)],
+            [
+                *self.wrapper,
+                "node",
+                "server.mjs",
+                "--port",
+                str(self.port),
+                "--lifetime",
+                str(self.lifetime),
+            ],
             cwd=E2E_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -289,6 +298,20 @@ def oauth_server() -> Iterator[MockOAuthServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- libfaketime (Debian's faketime): a token server whose clock is off (test_clocks_e2e.py) -----
+
+
+def require_faketime() -> str:
+    """faketime's path; the calling test skips without it, and fails under CI=true."""
+    path = shutil.which("faketime")
+    if path is not None:
+        return path
+    reason = "faketime is not on PATH: `apt-get install faketime` (Debian's libfaketime)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the clock tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
 
 
 # -- A real Redis: Debian's redis-server on a unix socket in a temp dir (test_shared.py) --------

@@ -14,8 +14,8 @@ from token_refresh import (
     Scheduler,
     SchedulerClosedError,
     Stats,
+    _expiry,
     _scheduler,
-    decode_jwt_expiry,
     events,
 )
 from token_refresh.testing import ManualClock
@@ -355,13 +355,13 @@ class TestWhatEventsCarryForMetrics:
         self, clock: ManualClock, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         decoded: list[str] = []
-        real = decode_jwt_expiry
+        real = _expiry.claims  # the scheduler's one JWT decoder (exp and iat)
 
-        def counting(token: str) -> float | int | None:
+        def counting(token: str) -> tuple[float | int | None, float | int | None]:
             decoded.append(token)
             return real(token)
 
-        monkeypatch.setattr(_scheduler, "decode_jwt_expiry", counting)
+        monkeypatch.setattr(_scheduler, "claims", counting)
         quiet = Scheduler(recorder.get_access_token, recorder.on_refresh, clock=clock)
         quiet.schedule("s1", make_jwt({"exp": START}))
         assert len(decoded) == 1  # schedule() decodes what it was given; no event to fill

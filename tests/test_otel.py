@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -515,6 +516,34 @@ class TestSharedToken:
         assert shared.reject("opaque")
         assert not shared.reject("opaque")  # marked already
         assert meter.total("token_refresh.shared.rejections", store="memory") == 1
+
+
+class TestClockSkew:
+    def test_a_schedulers_skew_is_a_gauge(
+        self, clock: ManualClock, recorder: Recorder, meter: Metrics
+    ) -> None:
+        """token_refresh.clock_skew: the server's clock minus ours, per label; 0 once it ends."""
+        scheduler = instrumented(clock, recorder, meter)
+        ahead = make_jwt({"iat": START + 900, "exp": START + 1500})
+        scheduler.schedule("s", ahead)
+        assert meter.total("token_refresh.clock_skew", label="api") == 900
+        recorder.default = make_jwt({"iat": START + 300, "exp": START + 900})
+        clock.advance(300)  # a fresh token, issued by a clock now in step with ours
+        assert meter.total("token_refresh.clock_skew", label="api") == 0
+        scheduler.close()
+
+    def test_a_shared_tokens_skew_is_a_gauge(self, meter: Metrics) -> None:
+        """A SharedToken's fetch 15 minutes behind: the gauge says -900, by store."""
+
+        def fetch() -> str:
+            now = time.time()
+            return make_jwt({"iat": now - 900, "exp": now - 300})
+
+        shared = SharedToken(fetch)
+        otel.instrument(shared, meter.provider)
+        shared()
+        value = meter.total("token_refresh.clock_skew", store="memory")
+        assert -902 < value < -898
 
 
 class TestFaults:

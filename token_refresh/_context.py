@@ -40,10 +40,11 @@ class session_context:  # lower case: used as a function (a class costs less per
 class _ServedBy:
     """Where the token of the get_access_token call in progress came from."""
 
-    __slots__ = ("value",)
+    __slots__ = ("skew", "value")
 
     def __init__(self) -> None:
         self.value: ServedBy | None = None
+        self.skew: float | None = None  # the server's clock minus ours, when the token came
 
 
 _served_by: ContextVar[_ServedBy | None] = ContextVar("token_refresh_served_by", default=None)
@@ -68,8 +69,14 @@ def in_refresh() -> bool:
     return _served_by.get() is not None
 
 
-def note_served_by(value: ServedBy) -> None:
-    """Tell the scheduler calling us (if any) who fetched the token being returned."""
+def note_served_by(value: ServedBy, skew: float | None = None) -> None:
+    """Tell the scheduler calling us (if any) who fetched the token, and the skew then seen."""
     slot = _served_by.get()
     if slot is not None:
-        slot.value = value
+        slot.value, slot.skew = value, skew
+
+
+def served_so_far() -> tuple[ServedBy | None, float | None]:
+    """Inside a get_access_token call: who served its token and the skew it noted, if told."""
+    slot = _served_by.get()
+    return (None, None) if slot is None else (slot.value, slot.skew)

@@ -78,3 +78,8 @@ def format_instant(unix_seconds: float) -> str:
     return (
         f"{instant.replace(tzinfo=None).isoformat(timespec='seconds')}.{milliseconds % 1000:03d}Z"
     )
+
+
+def format_skew(skew: float) -> str:
+    """A clock skew (server minus ours) in words: ``"15m ahead of"``, ``"15m behind"``."""
+    return f"{format_duration(abs(skew))} {'ahead of' if skew > 0 else 'behind'}"

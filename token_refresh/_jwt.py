@@ -75,11 +75,15 @@ def decode_jwt_expiry(token: str) -> float | int | None:
     payload = decode_jwt_payload(token)
     if not isinstance(payload, dict):
         return None
-    exp = payload.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+    return finite_number(payload.get("exp"))
+
+
+def finite_number(value: object) -> float | int | None:
+    """A JSON number that is a finite real (never a bool), as it is; else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
-        finite = math.isfinite(exp)
+        finite = math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return None
-    return exp if finite else None
+    return value if finite else None

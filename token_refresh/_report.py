@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import events
-from ._format import format_duration, format_instant, format_seconds, session_label
+from ._format import format_duration, format_instant, format_seconds, format_skew, session_label
 
 _log = logging.getLogger("token_refresh")
 
@@ -176,6 +176,20 @@ OUTCOMES: dict[str, Line] = {
         ("error_type",),
     ),
     "cancelled": Line(events.Cancelled, DEBUG, None),
+    "clock_skew": Line(
+        events.ClockSkew,
+        WARNING,
+        "Clock skew: the token server's clock is {skew} this host's (learned for "
+        "sessionId={session}); refresh times follow token lifetimes counted from receipt",
+        ("skew", "threshold"),
+    ),
+    "clock_skew_ended": Line(
+        events.ClockSkew,
+        WARNING,
+        "Clock skew back within {threshold}s (learned for sessionId={session}); "
+        "refresh times follow exp again",
+        ("skew", "threshold"),
+    ),
     "dropped_at_shutdown": Line(None, DEBUG, "Refresh for sessionId={session} dropped: shut down"),
     "forked": Line(
         None,
@@ -204,6 +218,8 @@ _FORMATS: dict[str, Callable[[Any], object]] = {
     "floor": format_seconds,
     "timeout": format_seconds,
     "max_attempts": _of,
+    "threshold": format_seconds,
+    "skew": format_skew,
 }
 
 

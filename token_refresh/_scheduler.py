@@ -21,9 +21,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import events
-from ._context import served_by_context, session_context
+from ._context import current_session_id, served_by_context, served_so_far, session_context
+from ._expiry import SKEW_THRESHOLD, SkewTracker, claims, local_exp, received_skew
 from ._format import fingerprint, session_label
-from ._jwt import decode_jwt_expiry
 from ._machine import (
     MAX_REFRESH_FAILURES,
     Attempt,
@@ -607,8 +607,10 @@ class Scheduler:
             else ThreadRuntime(f"token-refresh-{label}", timers=timers, max_workers=max_workers)
         )
         self._reporter = Reporter(label, self._runtime.time, on_event)
+        self._skew = SkewTracker()  # one per scheduler: see "Time and clocks" in the daemon guide
+        fetch = _learning(get_access_token, weakref.WeakMethod(self._received), self._runtime.time)
         self._refresher = _Refresher(
-            get_access_token, on_refresh, self._runtime, self._reporter, self._options
+            fetch, on_refresh, self._runtime, self._reporter, self._options
         )
         self._closed = False
         self._threaded = clock is None  # real threads: the reaper runs while it is open
@@ -752,20 +754,46 @@ class Scheduler:
 
         If that moment has passed, the refresh starts at once. A token with no
         usable ``exp`` (not a JWT, say) leaves the session's existing timer as
-        it is.
+        it is. A token with an ``iat``, once a clock skew past the threshold
+        is known, is refreshed ``refresh_buffer`` before its lifetime
+        (``exp - iat``) counted from its receipt instead (see
+        :class:`~token_refresh.events.ClockSkew`).
         """
         require_str(session_id, "session_id")
         require_str(token, "token")
         self.after_fork()
-        expiry = decode_jwt_expiry(token)
+        expiry, iat = claims(token)
         if not expiry:  # as in the seed, an exp of 0 counts as missing too
             self._check_open()
             fields = {"token_fingerprint": fingerprint(token)}
             self._reporter.report("kept", session_id, fields, self._state.working)
             return
-        due = expiry - self._options.refresh_buffer
+        now = self._runtime.time()
+        if iat is not None and iat - now > max(SKEW_THRESHOLD, self._skew.learned or 0.0):
+            self._learn(iat - now, session_id)  # an iat in the future: skew, whatever its age
+        learned = None if iat is None else self._skew.learned  # no iat: the seed's rule
+        due = local_exp(expiry, iat, learned, now) - self._options.refresh_buffer
         detail = {"expires": expiry, "buffer": self._options.refresh_buffer}
-        self._replace(session_id, due, due - self._runtime.time(), "exp", detail)
+        self._replace(session_id, due, due - now, "exp", detail)
+
+    def _received(self, token: str, received: float) -> None:
+        """A token get_access_token just returned at ``received``: learn the skew it shows.
+
+        A SharedToken tells the skew its grant was received with; a plain
+        function's token is measured by its ``iat`` (see ``received_skew``).
+        """
+        served, noted = served_so_far()
+        skew = noted if noted is not None or served is not None else received_skew(token, received)
+        if skew is not None:
+            self._learn(skew, current_session_id() or "")
+
+    def _learn(self, skew: float, session_id: str) -> None:
+        """Take a measured skew; report it (ClockSkew and a WARNING) if it changed."""
+        effective = self._skew.learn(skew)
+        if effective is not None:
+            outcome = "clock_skew" if effective else "clock_skew_ended"
+            fields = {"skew": effective, "threshold": SKEW_THRESHOLD}
+            self._reporter.report(outcome, session_id, fields, self._state.working)
 
     def schedule_from_expires_in(self, session_id: str, expires_in: float | timedelta) -> None:
         """Refresh ``session_id`` before a token that expires in ``expires_in`` seconds.
@@ -1013,8 +1041,25 @@ def _any_open() -> bool:
 
 def _expiry(token: str) -> float | None:
     """A JWT's ``exp`` as a float, for Refreshed.expires_at; None if it has none."""
-    expiry = decode_jwt_expiry(token)
+    expiry = claims(token)[0]
     return float(expiry) if expiry else None
+
+
+def _learning(
+    get_access_token: Callable[[], str | None],
+    received: weakref.WeakMethod[Callable[[str, float], None]],
+    now: Callable[[], float],
+) -> Callable[[], str | None]:
+    """``get_access_token`` telling the scheduler (if it still exists) each token it returns."""
+
+    def fetch() -> str | None:
+        token = get_access_token()
+        learn = received()
+        if isinstance(token, str) and token and learn is not None:
+            learn(token, now())
+        return token
+
+    return fetch
 
 
 def _after_fork_in_child() -> None:  # pragma: no cover - runs in children (TestFork)

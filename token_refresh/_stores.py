@@ -81,14 +81,23 @@ def _instant(value: object, name: str, *, optional: bool = False) -> None:
 class Grant:
     """What a token request returned: the access token and, when rotating, the refresh token.
 
-    ``expires_at`` (Unix seconds) is for opaque tokens whose lifetime the
-    server told (``time.time() + expires_in``); a JWT's ``exp`` is read from it
-    by itself. The repr shows fingerprints, never the tokens.
+    ``expires_at`` (Unix seconds, this host's clock) is when the token
+    expires as the server told (``expires_in`` counted from when the request
+    was sent); a JWT's ``exp`` is read from the token by itself, and the
+    earlier of the two wins. ``refresh_at`` (Unix seconds, this host's clock)
+    is when the server asked for it to be refreshed (``refresh_in``): a
+    SharedToken stops reusing the grant then. ``clock_skew`` is the token
+    server's clock minus this host's, in seconds, as seen when the grant was
+    received (from the token's ``iat`` or the response's ``Date``; None: not
+    known); past a threshold it moves the JWT's ``exp`` onto this host's clock.
+    The repr shows fingerprints, never the tokens.
     """
 
     access_token: str
     refresh_token: str | None = None
     expires_at: float | None = None
+    refresh_at: float | None = None
+    clock_skew: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.access_token, str) or not self.access_token:
@@ -96,12 +105,19 @@ class Grant:
         if self.refresh_token is not None and not isinstance(self.refresh_token, str):
             raise TypeError("Grant.refresh_token must be a str or None")
         _instant(self.expires_at, "Grant.expires_at", optional=True)
+        _instant(self.refresh_at, "Grant.refresh_at", optional=True)
+        _instant(self.clock_skew, "Grant.clock_skew", optional=True)
 
     def __repr__(self) -> str:
         refresh = None if self.refresh_token is None else fingerprint(self.refresh_token)
+        hints = "".join(
+            f", {name}={value!r}"
+            for name, value in (("refresh_at", self.refresh_at), ("clock_skew", self.clock_skew))
+            if value is not None
+        )
         return (
             f"Grant(access_token={fingerprint(self.access_token)}, refresh_token={refresh}, "
-            f"expires_at={self.expires_at!r})"
+            f"expires_at={self.expires_at!r}{hints})"
         )
 
 
@@ -179,6 +195,11 @@ def _dump(record: Record, key: str, **extra: object) -> str:
         else [grant.access_token, grant.refresh_token, grant.expires_at],
         **extra,
     }
+    # Beside the grant, not in it: a reader from before they existed ignores them.
+    if grant is not None and grant.refresh_at is not None:
+        data["refresh_at"] = grant.refresh_at
+    if grant is not None and grant.clock_skew is not None:
+        data["clock_skew"] = grant.clock_skew
     return json.dumps(data)
 
 
@@ -221,7 +242,9 @@ def _load(text: str | bytes, key: str, *, version: int | None = None) -> Record 
         if grant is not None:
             if not isinstance(grant, list) or len(grant) != 3:
                 raise TypeError("grant must be a list of three")
-            grant = Grant(*grant)
+            # refresh_at and clock_skew: absent from records of earlier versions
+            hints = data.get("refresh_at"), data.get("clock_skew")
+            grant = Grant(grant[0], grant[1], grant[2], *hints)
         writer = data.get("writer", "")  # absent from 0.1's records
         return Record(
             grant,

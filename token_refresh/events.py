@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from ._expiry import SKEW_THRESHOLD
 from ._format import session_label
 
 #: What made a refresh attempt start: the token's ``exp``, an ``expires_in``,
@@ -32,6 +33,7 @@ ServedBy = Literal["fetch", "thread", "process", "host", "unknown"]
 __all__ = [
     "CallbackError",
     "Cancelled",
+    "ClockSkew",
     "Event",
     "GaveUp",
     "RefreshFailed",
@@ -217,3 +219,20 @@ class CallbackError(Event):
     """on_refresh raised ``error_type``; the follow-up refresh is armed all the same."""
 
     error_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class ClockSkew(Event):
+    """The token server's clock and this host's differ by ``skew`` seconds (or no longer do).
+
+    ``skew`` is the server's clock minus ours (positive: the server is
+    ahead), learned from a token just received (its ``iat``, or the token
+    response's ``Date``) or from an ``iat`` in the future; ``0.0`` when it has
+    come back within ``threshold`` seconds. Past ``threshold``, refresh times
+    follow each token's lifetime counted from its receipt instead of its
+    ``exp``. Sent once per change, not per refresh; ``session_id`` is the
+    session whose token told it.
+    """
+
+    skew: float = 0.0
+    threshold: float = SKEW_THRESHOLD

@@ -17,7 +17,6 @@ import http.client
 import io
 import ipaddress
 import json
-import math
 import os
 import re
 import socket
@@ -26,10 +25,11 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 from . import __version__, _validate
+from ._expiry import lifetime_end, measured_skew
 from .shared import Grant, InvalidGrant, RateLimited
 
 __all__ = [
@@ -370,15 +370,19 @@ def _document(answer: _Answer, url: str, secrets: Iterable[str]) -> dict[str, ob
     raise OAuthError(f"{_shown(url)} answered {what}, not a JSON object", status=answer.status)
 
 
-def _expires_at(value: object, sent: float) -> float | None:
-    """``sent + expires_in`` for a positive number (quoted too), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        seconds = float(value)
-    except (ValueError, OverflowError):
-        return None
-    return sent + seconds if math.isfinite(seconds) and seconds > 0 else None
+def _age(answer: _Answer) -> float:
+    """The answer's ``Age`` header (RFC 9111, 5.1): seconds it spent in a cache; 0 if none."""
+    value = (answer.headers.get("Age") or "").strip()
+    return float(value) if value.isdigit() else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """A successful token response: its JSON object, and when its request left (wall time)."""
+
+    document: dict[str, object]
+    sent: float
+    answer: _Answer
 
 
 # -- the grants -------------------------------------------------------------------------------
@@ -509,10 +513,8 @@ class _TokenRequest:
             secrets.append(self._secret)
         return form, headers, secrets
 
-    def _request(
-        self, form: dict[str, str | list[str]], secrets: list[str]
-    ) -> tuple[dict[str, object], float]:
-        """Send the grant; its JSON document and when it was sent (wall time)."""
+    def _request(self, form: dict[str, str | list[str]], secrets: list[str]) -> _Reply:
+        """Send the grant; its JSON document, when it was sent (wall time) and the answer."""
         form = {"grant_type": self._grant_type, **form}
         if self._scope is not None:
             form["scope"] = self._scope
@@ -526,7 +528,7 @@ class _TokenRequest:
             retried = self._send(form, "post", secrets)
             if not _is_invalid_client(retried):
                 self._post_learned, answer = True, retried
-        return _document(answer, self.token_endpoint, secrets), sent
+        return _Reply(_document(answer, self.token_endpoint, secrets), sent, answer)
 
     def _send(self, form: dict[str, str | list[str]], mode: str, secrets: list[str]) -> _Answer:
         authenticated, headers, sent_secrets = self._authenticated(form, mode)
@@ -540,8 +542,7 @@ class _TokenRequest:
         )
 
     def _grant(self, form: dict[str, str | list[str]], secrets: list[str]) -> Grant:
-        document, sent = self._request(form, secrets)
-        return _to_grant(document, sent, self.token_endpoint)
+        return _to_grant(self._request(form, secrets), self.token_endpoint)
 
 
 def _is_invalid_client(answer: _Answer) -> bool:
@@ -640,21 +641,31 @@ class RefreshTokenGrant(_TokenRequest):
         spent = self._refresh_token
         if previous is not None and previous.refresh_token:
             spent = previous.refresh_token
-        document, sent = self._request({"refresh_token": spent}, [spent])
-        grant = _to_grant(document, sent, self.token_endpoint)
-        new = document.get("refresh_token")
-        return Grant(
-            grant.access_token,
-            refresh_token=new if isinstance(new, str) and new else spent,
-            expires_at=grant.expires_at,
-        )
+        reply = self._request({"refresh_token": spent}, [spent])
+        grant = _to_grant(reply, self.token_endpoint)
+        new = reply.document.get("refresh_token")
+        return replace(grant, refresh_token=new if isinstance(new, str) and new else spent)
 
 
-def _to_grant(document: dict[str, object], sent: float, url: str) -> Grant:
+def _to_grant(reply: _Reply, url: str) -> Grant:
+    """The response as a Grant: lifetimes from when it was sent less its Age, and the skew seen.
+
+    ``expires_in`` and ``refresh_in`` count from ``reply.sent``; the skew is
+    the token's ``iat`` (else the response's ``Date``) against its receipt.
+    """
+    document, answer = reply.document, reply.answer
     token = document.get("access_token")
     if not isinstance(token, str) or not token:
         raise OAuthError(f"{_shown(url)} answered no access_token", status=200)
-    return Grant(token, expires_at=_expires_at(document.get("expires_in"), sent))
+    age = _age(answer)
+    return Grant(
+        token,
+        expires_at=lifetime_end(reply.sent, document.get("expires_in"), age),
+        refresh_at=lifetime_end(reply.sent, document.get("refresh_in"), age),
+        clock_skew=measured_skew(
+            token, answer.received, _http_date(answer.headers.get("Date", ""))
+        ),
+    )
 
 
 class TokenExchange(_TokenRequest):

@@ -122,6 +122,12 @@ class _Meters:
             unit="{error}",
             description="on_refresh calls that raised",
         )
+        self.clock_skew = meter.create_gauge(
+            "token_refresh.clock_skew",
+            unit="s",
+            description="The token server's clock minus this host's, as last learned "
+            "(0: within the threshold)",
+        )
         for name, unit, description in (
             ("sessions", "{session}", "Sessions with a live refresh chain"),
             ("pending", "{timer}", "Sessions with a refresh timer armed"),
@@ -221,6 +227,8 @@ class _Meters:
                 self.give_ups.add(1, {**label, "token_refresh.reason": reason})
             elif isinstance(event, events.CallbackError):
                 self.callback_errors.add(1, {**label, _ERROR: event.error_type})
+            elif isinstance(event, events.ClockSkew):
+                self.clock_skew.set(event.skew, label)
 
         return observe
 
@@ -249,6 +257,8 @@ class _Meters:
                 self.lease_wait.record(value, merged)
             elif kind == "reject":
                 self.rejections.add(1, merged)
+            elif kind == "clock_skew":
+                self.clock_skew.set(value, merged)
             else:  # "store_error"
                 self.store_errors.add(1, merged)
 

@@ -13,11 +13,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Set
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import NoReturn, TypeVar
 
 from . import _retry, _stores
 from ._context import current_session_id, in_refresh, note_served_by
-from ._format import fingerprint
+from ._expiry import SKEW_THRESHOLD, SkewTracker, expires, received_skew, reuse_until
+from ._format import fingerprint, format_skew
 from ._jwt import decode_jwt_expiry
 from ._retry import RetryPolicy
 from ._stores import (
@@ -206,8 +208,8 @@ def _warn(key: str, error: StoreUnavailable, outcome: str) -> None:
 
 #: A metrics hook: called as ``observe(kind, value, attributes)`` with kind
 #: "call" (1, served_by or error.type), "fetch" (seconds, error.type on a
-#: failure), "lease_wait" (seconds), "store_error" (1, operation, error.type)
-#: or "reject" (1: a refused token forced a fetch).
+#: failure), "lease_wait" (seconds), "store_error" (1, operation, error.type),
+#: "reject" (1: a refused token forced a fetch) or "clock_skew" (seconds, when it changed).
 _Observer = Callable[[str, float, dict[str, str]], None]
 
 
@@ -296,6 +298,7 @@ class SharedToken:
         self._cache: dict[str, Record] = {}  # the last record this process saw, per key
         self._observers: tuple[_Observer, ...] = ()  # token_refresh.otel's hook
         self._prune_at = 64
+        self._skew = SkewTracker()  # what this SharedToken's own fetches saw; reported once
         self._after_fork()
         _live_tokens.add(self)
 
@@ -324,7 +327,7 @@ class SharedToken:
                 self._notify("call", 1.0, {"error.type": type(error).__name__})
             raise
         if token is not None:
-            note_served_by(served_by)
+            note_served_by(served_by, self._skew_for(token))
         if self._observers:
             outcome: dict[str, str] = (
                 {"error.type": "no_token"}
@@ -560,15 +563,21 @@ class SharedToken:
         if grant is None or record.refused:
             return False
         now = time.time()
-        expiry = grant.expires_at
-        if expiry is None:
-            expiry = decode_jwt_expiry(grant.access_token)
+        expiry = expires(grant.access_token, grant.expires_at, grant.clock_skew, now)
+        until = reuse_until(expiry, grant.refresh_at, self._min_ttl)
         # A storm shares one fetch; a record from the future (a host whose clock is ahead,
         # or ours stepped back) is not young: its age is unknown.
         young = 0 <= now - record.fetched_at < self._max_age
-        if expiry is not None:
-            return expiry - now > self._min_ttl or (young and expiry > now)
+        if until is not None:
+            return now < until or (young and (expiry is None or expiry > now))
         return young
+
+    def _skew_for(self, token: str) -> float | None:
+        """The clock skew the grant of ``token`` was received with (for the Scheduler)."""
+        record = self._cache.get(self._key_for(current_session_id()))
+        if record is None or record.grant is None or record.grant.access_token != token:
+            return None
+        return record.grant.clock_skew
 
     def _joinable(self, flight: _Flight, now: float) -> bool:
         """Whether a new call shares this flight's outcome instead of starting a fetch."""
@@ -782,7 +791,37 @@ class SharedToken:
             self._fetched(began, type(result).__name__)
             raise TypeError(f"fetch returned {type(result).__name__}, not a str, Grant or None")
         self._fetched(began, None)
-        return result
+        return self._clocked(result)
+
+    def _clocked(self, grant: Grant) -> Grant:
+        """A grant just fetched, with the clock skew it shows (its own, else its iat's).
+
+        Reported once per change, at WARNING and to the metrics hook.
+        """
+        skew = grant.clock_skew
+        if skew is None:
+            skew = received_skew(grant.access_token, time.time())
+            if skew is None:
+                return grant
+            grant = replace(grant, clock_skew=skew)
+        effective = self._skew.learn(skew)
+        if effective is not None:
+            self._report_skew(effective)
+        return grant
+
+    def _report_skew(self, skew: float) -> None:
+        if skew:
+            _log.warning(
+                "[shared:%s] clock skew: the token server's clock is %s this host's; tokens "
+                "are reused for their lifetime counted from receipt",
+                _printable(self._key),
+                format_skew(skew),
+            )
+        else:
+            _log.warning(
+                "[shared:%s] clock skew back within %gs", _printable(self._key), SKEW_THRESHOLD
+            )
+        self._notify("clock_skew", skew, {})
 
     def _write(self, key: str, fresh: Record, stored: int) -> None:
         """Store a delivered record if the store still holds the version read before the fetch."""
