@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .events import ServedBy
+
+_T = TypeVar("_T")
 
 _session_id: ContextVar[str | None] = ContextVar("token_refresh_session_id", default=None)
 
@@ -22,8 +26,8 @@ def current_session_id() -> str | None:
     return _session_id.get()
 
 
-class session_context:  # lower case: used as a function (a class costs less per call)
-    """Make ``current_session_id()`` return ``session_id`` inside the block."""
+class session_context:  # lower case: used as a function
+    """Make ``current_session_id()`` return ``session_id`` inside the block (tests)."""
 
     __slots__ = ("_reset", "_session_id")
 
@@ -37,7 +41,7 @@ class session_context:  # lower case: used as a function (a class costs less per
         _session_id.reset(self._reset)
 
 
-class _ServedBy:
+class ServedBySlot:
     """Where the token of the get_access_token call in progress came from."""
 
     __slots__ = ("skew", "value")
@@ -47,21 +51,38 @@ class _ServedBy:
         self.skew: float | None = None  # the server's clock minus ours, when the token came
 
 
-_served_by: ContextVar[_ServedBy | None] = ContextVar("token_refresh_served_by", default=None)
+_served_by: ContextVar[ServedBySlot | None] = ContextVar("token_refresh_served_by", default=None)
 
 
-class served_by_context:  # lower case: used as a function (a class costs less per call)
-    """Around a get_access_token call: a SharedToken called inside says who served it."""
+class served_by_context:  # lower case: used as a function
+    """A refresh's slot, set inside the block (tests; the Scheduler uses call_as_refresh)."""
 
     __slots__ = ("_reset", "_slot")
 
-    def __enter__(self) -> _ServedBy:
-        self._slot = _ServedBy()
+    def __enter__(self) -> ServedBySlot:
+        self._slot = ServedBySlot()
         self._reset = _served_by.set(self._slot)
         return self._slot
 
     def __exit__(self, *exc_info: object) -> None:
         _served_by.reset(self._reset)
+
+
+def call_as_refresh(session_id: str, slot: ServedBySlot, call: Callable[[], _T]) -> _T:
+    """Call ``call`` as a Scheduler's refresh of ``session_id`` (a SharedToken inside
+    says in ``slot`` who served it).
+
+    Both variables are set in a copy of the caller's context, which nothing
+    has to undo: an interrupt at any line (a ``KeyboardInterrupt`` on a
+    ManualClock's thread) cannot leave them set for the calls after it.
+    """
+
+    def refresh() -> _T:
+        _session_id.set(session_id)
+        _served_by.set(slot)
+        return call()
+
+    return contextvars.copy_context().run(refresh)
 
 
 def in_refresh() -> bool:

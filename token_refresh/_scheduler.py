@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import events
-from ._context import current_session_id, served_by_context, served_so_far, session_context
+from ._context import ServedBySlot, call_as_refresh, current_session_id, served_so_far
 from ._expiry import SKEW_THRESHOLD, SkewTracker, claims, local_exp, received_skew
 from ._format import fingerprint, session_label
 from ._machine import (
@@ -378,9 +378,9 @@ class _Refresher:
 
         watch = None if timeout is None else self._runtime.watch(timeout, timed_out)
         began = self._runtime.monotonic()
+        served_by = ServedBySlot()
         try:
-            with served_by_context() as served_by:
-                token, error, raised, verdict = self._fetch(state, session_id)
+            token, error, raised, verdict = self._fetch(state, session_id, served_by)
         finally:
             if watch is not None:
                 watch.cancel()
@@ -403,14 +403,13 @@ class _Refresher:
             self.carry_out(state, step)
 
     def _fetch(
-        self, state: _State, session_id: str
+        self, state: _State, session_id: str, served_by: ServedBySlot
     ) -> tuple[str | None, str | None, bool, Verdict]:
         """Call get_access_token: the token (None if none), any error's type, if it raised,
         and what the retry policy makes of the error."""
         state.count(running=1)
         try:
-            with session_context(session_id):
-                token: object = self._get_access_token()
+            token: object = call_as_refresh(session_id, served_by, self._get_access_token)
         except BaseException as error:
             # By type only: an exception's message may quote a token.
             self._reporter.say("raised", session_id, error_type=type(error).__name__)
