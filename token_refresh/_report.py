@@ -270,7 +270,7 @@ class Reporter:
         """Write an outcome's log line only (lines that have no event)."""
         line = OUTCOMES[outcome]
         assert line.message is not None
-        self._write(line.level, line.message, {"session": session_id, **fields})
+        self._write(line.level, line.message, session_id, fields)
 
     def report(
         self,
@@ -281,8 +281,8 @@ class Reporter:
     ) -> None:
         """Write an outcome's log line and send its event; never raises."""
         line = OUTCOMES[outcome]
-        if line.message is not None and _log.isEnabledFor(line.level):
-            self._write(line.level, line.message, {"session": session_id, **fields})
+        if line.message is not None:
+            self._write(line.level, line.message, session_id, fields)
         if line.event is None or not self.listening():
             return
         try:
@@ -307,11 +307,16 @@ class Reporter:
             except BaseException as error:
                 self.say("on_event_raised", error_type=type(error).__name__)
 
-    def _write(self, level: int, template: str, fields: dict[str, Any]) -> None:
-        """Log one line; a log handler that raises (BaseException too) cannot break a chain."""
+    def _write(self, level: int, template: str, session_id: str, fields: dict[str, Any]) -> None:
+        """Log one line; a log handler that raises (BaseException too) cannot break a chain.
+
+        The fields are gathered only for a level that is logged: a storm of
+        refreshes at the default level builds nothing here.
+        """
         try:
             if _log.isEnabledFor(level):
+                values = {"session": session_id, **fields}
                 for text in template.split("\n"):
-                    _log.log(level, "[%s:token] %s", self.label, _Text(text, fields))
+                    _log.log(level, "[%s:token] %s", self.label, _Text(text, values))
         except BaseException:  # nowhere left to report it
             pass
