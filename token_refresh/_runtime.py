@@ -452,7 +452,7 @@ class _HeapEntry:
     __slots__ = ("callback", "deadline", "due", "owner")
 
     def __init__(
-        self, owner: HeapTimers, callback: Callable[[], None], deadline: float, due: float
+        self, owner: HeapTimers, callback: Callable[[], None] | None, deadline: float, due: float
     ) -> None:
         self.owner = owner
         self.callback: Callable[[], None] | None = callback
@@ -525,6 +525,9 @@ class HeapTimers:
         # (when it fires on the monotonic clock, sequence, entry): the earlier
         # of the entry's deadline and its due time, recomputed on a clock jump.
         self._heap: list[tuple[float, int, _HeapEntry]] = []
+        # Entries armed and not yet in the heap: any thread appends, the heap's
+        # thread (or whoever holds the lock) moves them into the heap.
+        self._inbox: collections.deque[tuple[float, int, _HeapEntry]] = collections.deque()
         self._sequence = itertools.count()
         self._cancelled = 0
         self._wakeup = threading.Condition(threading.Lock())
@@ -538,15 +541,22 @@ class HeapTimers:
 
     def arm(self, delay: float, callback: Callable[[], None], due: float = math.inf) -> Timer:
         """Run ``callback`` after ``delay``, or at wall time ``due`` if that comes first."""
+        if self._stopped:
+            return _HeapEntry(self, None, math.inf, due)  # never fires
         entry = _HeapEntry(self, callback, time.monotonic() + delay, due)
         fires_at = _fires_at(entry.deadline, due)
-        with self._wakeup:
-            if self._watch_clock and not self._watched and not self._stopped:
-                # Never waiting on the caller's thread (see _ClockWatcher.add);
-                # if the watcher is busy, the heap's thread registers instead.
-                self._watched = _watcher.add(self, wait=False)
-            heapq.heappush(self._heap, (fires_at, next(self._sequence), entry))
-            if fires_at < self._wakes_at:
+        if self._watch_clock and not self._watched:
+            with self._wakeup:
+                if not self._watched and not self._stopped:  # pragma: no branch - a race
+                    # Never waiting on the caller's thread (see _ClockWatcher.add);
+                    # if the watcher is busy, the heap's thread registers instead.
+                    self._watched = _watcher.add(self, wait=False)
+        # No lock: the heap's thread takes new entries from the inbox before it
+        # sleeps (a worker arming a follow-up never waits for that thread, nor
+        # it for the worker), and one due after it wakes by itself wakes nobody.
+        self._inbox.append((fires_at, next(self._sequence), entry))
+        if fires_at < self._wakes_at:  # read after the append: see _sleep
+            with self._wakeup:
                 self._wakeup.notify()  # due before the thread would wake by itself
         return entry
 
@@ -560,8 +570,15 @@ class HeapTimers:
             if alarm.used and alarm not in keep:
                 alarm.cancel()
 
+    def _take_inbox(self) -> None:
+        """Move the entries armed meanwhile into the heap (lock held)."""
+        inbox, heap = self._inbox, self._heap
+        while inbox:
+            heapq.heappush(heap, inbox.popleft())
+
     def clock_jumped(self) -> None:
         with self._wakeup:
+            self._take_inbox()
             self._heap = [
                 (_fires_at(entry.deadline, entry.due), sequence, entry)
                 for _, sequence, entry in self._heap
@@ -620,6 +637,7 @@ class HeapTimers:
             callback, entry.callback = entry.callback, None  # dropped after the lock, see stop()
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+                self._take_inbox()  # the dead entries it holds are counted too
                 self._heap = [item for item in self._heap if item[2].callback is not None]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
@@ -630,6 +648,7 @@ class HeapTimers:
         with self._wakeup:
             self._stopped = True
             dropped, self._heap = self._heap, []  # cleared after the lock, as in cancel()
+            self._inbox.clear()
             self._cancelled = 0
             self._wakeup.notify()
             thread = self._thread if self._thread_started else None
@@ -639,6 +658,7 @@ class HeapTimers:
     def _run(self) -> None:
         with self._wakeup:
             while not self._stopped:
+                self._take_inbox()
                 # Watched while it has timers (registering releases the lock).
                 if self._watch(bool(self._heap)):
                     continue
@@ -655,7 +675,9 @@ class HeapTimers:
         wait = min(wait, threading.TIMEOUT_MAX)
         self._wakes_at = now + wait
         try:
-            self._wakeup.wait(None if wait == math.inf else wait)
+            # An entry armed before _wakes_at was set did not notify: look first.
+            if not self._inbox:  # pragma: no branch - armed in the last few bytecodes
+                self._wakeup.wait(None if wait == math.inf else wait)
         finally:
             self._wakes_at = 0.0
 
