@@ -778,9 +778,9 @@ class TestPromptExit:
         result, took = self.run(
             """
             import os, sys, threading, time
-            import token_refresh._runtime
+            import token_refresh._workers
             from token_refresh import Scheduler
-            token_refresh._runtime.EXIT_GRACE = 30.0  # a wrong wait would show
+            token_refresh._workers.EXIT_GRACE = 30.0  # a wrong wait would show
             entered = threading.Event()
             def hang():
                 entered.set()
