@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
-from ._workers import Timer, Watchdog, Workers, _internal_error
+from ._workers import Timer, Watchdog, Workers, _call_each, _internal_error
 
 __all__ = [
     "Alarm",
@@ -692,11 +692,7 @@ class HeapTimers:
         try:
             if workers is not None:
                 workers.gather()
-            for callback in due:
-                try:
-                    callback()
-                except BaseException as error:
-                    _internal_error(error)
+            _call_each(due)
         finally:
             due.clear()  # an idle thread must not keep its scheduler alive
             if workers is not None:

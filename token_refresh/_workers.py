@@ -37,6 +37,15 @@ class Timer(Protocol):
     def cancel(self) -> None: ...
 
 
+def _call_each(callbacks: list[Callable[[], None]]) -> None:
+    """Call each callback in turn: a bug in one is logged by type and the rest still run."""
+    for callback in callbacks:
+        try:
+            callback()
+        except BaseException as error:
+            _internal_error(error)
+
+
 def _internal_error(error: BaseException) -> None:
     """Log a bug in the library's own callbacks (they report user errors themselves).
 
@@ -382,11 +391,7 @@ class Watchdog:
         """Run the callbacks of calls past their deadline, the lock released."""
         self._wake.release()
         try:
-            for callback in due:
-                try:
-                    callback()
-                except BaseException as error:
-                    _internal_error(error)
+            _call_each(due)
         finally:
             due.clear()
             self._wake.acquire()
