@@ -20,7 +20,17 @@ import weakref
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
-from ._workers import Timer, Watchdog, Workers, _call_each, _internal_error
+from ._workers import (
+    PARK_WAIT,
+    OurThread,
+    Parking,
+    Timer,
+    Watchdog,
+    Workers,
+    _call_each,
+    _internal_error,
+    on_our_thread,
+)
 
 __all__ = [
     "Alarm",
@@ -137,6 +147,7 @@ class _ClockWatcher:
     """
 
     _lock: threading.Condition
+    _parking: Parking
     _watched: weakref.WeakSet[_Watched]
     _thread: threading.Thread | None
     _last: tuple[float, float]
@@ -163,9 +174,8 @@ class _ClockWatcher:
             # clock (it registers from its own thread, perhaps after the step).
             wall, boot = _offsets()
             self._last, self._lowest = (min(wall, self._lowest), boot), math.inf
-            self._thread = thread = threading.Thread(
-                target=self._run, name="token-refresh-clock-watch", daemon=True
-            )
+            self._thread = thread = OurThread(self._run, "token-refresh-clock-watch")
+            seen = self._parking.count
         finally:
             self._lock.release()
         try:
@@ -173,6 +183,13 @@ class _ClockWatcher:
         except RuntimeError:  # the OS refuses a thread: timers still keep monotonic time
             with self._lock:
                 self._thread = None
+            return True
+        # Returns once the thread is parked (see Parking); bounded, as above.
+        if self._lock.acquire(timeout=PARK_WAIT):  # pragma: no branch - held a whole second
+            try:
+                self._parking.wait(seen)
+            finally:
+                self._lock.release()
         return True
 
     def discard(self, watched: _Watched) -> None:
@@ -184,6 +201,7 @@ class _ClockWatcher:
     def _run(self) -> None:
         while True:
             with self._lock:
+                self._parking.parks()
                 self._lock.wait(_WATCH_INTERVAL)  # cut short by discard() of the last one
                 if not self._watched:
                     self._thread = None
@@ -202,7 +220,9 @@ class _ClockWatcher:
     def after_fork(self) -> None:
         """Start empty: a child of fork() has no watcher thread and no timers (no I/O)."""
         self._pid = os.getpid()
-        self._lock = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._lock = threading.Condition(lock)
+        self._parking = Parking(lock)
         self._watched = weakref.WeakSet()
         self._thread = None
         self._last = (0.0, 0.0)
@@ -249,6 +269,7 @@ class _SessionAlarm:
         "_deadline",
         "_due",
         "_owner",
+        "_parking",
         "_payload",
         "_state",
         "_thread",
@@ -260,7 +281,9 @@ class _SessionAlarm:
     def __init__(self, owner: ThreadTimers, callback: Callable[[Any], None]) -> None:
         self.used = False  # set at least once (see sweep)
         self._owner = owner
-        self._wake = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._wake = threading.Condition(lock)
+        self._parking = Parking(lock)
         # Monotonic: its delay's end, or its wall due time if that comes first.
         self._deadline = math.inf
         self._due = math.inf
@@ -268,16 +291,20 @@ class _SessionAlarm:
         self._payload: object = None
         self._state = "parked"  # or "armed", "done"
         self._wakes_at = 0.0  # when the thread wakes by itself (monotonic)
-        self._thread = threading.Thread(target=self._run, name=owner.name, daemon=True)
+        self._thread = OurThread(self._run, owner.name)
 
     def start(self) -> None:
-        """Start its thread, parked (lock not held); RuntimeError if the OS refuses one."""
+        """Start its thread; return once it is parked (see Parking). RuntimeError if the OS
+        refuses one."""
         self._thread.start()
+        with self._wake:
+            self._parking.wait(0)
 
     def thread(self) -> threading.Thread | None:
         return self._thread if self._thread.ident is not None else None
 
     def set(self, delay: float, due: float, payload: object) -> None:
+        """Arm it; on a caller's thread, return once its thread is parked (see Parking)."""
         self.used = True
         deadline = time.monotonic() + delay
         with self._wake:
@@ -311,9 +338,14 @@ class _SessionAlarm:
                 self._wake_if_earlier()
 
     def _wake_if_earlier(self) -> None:
-        """Wake the thread if it fires before it would wake by itself (lock held)."""
+        """Wake the thread if it fires before it would wake by itself (lock held).
+
+        A caller's thread then waits until it parked again (see Parking).
+        """
         if self._deadline < self._wakes_at:
             self._wake.notify()
+            if not on_our_thread():
+                self._parking.wait(self._parking.count)
 
     def _run(self) -> None:
         self._owner.watch()
@@ -327,17 +359,20 @@ class _SessionAlarm:
                 if remaining > 0:
                     wait = min(remaining, threading.TIMEOUT_MAX)
                     self._wakes_at = now + wait
+                    self._parking.parks()
                     self._wake.wait(wait)
                     continue
                 callback, payload = self._callback, self._payload
                 self._state, self._payload = "parked", None
                 assert callback is not None
+                self._parking.parks()  # it fires: work a caller may wait for
                 self._wake.release()
                 try:
                     self._owner.fire(callback, payload)
                 finally:
                     del callback, payload
                     self._wake.acquire()
+            self._parking.parks()  # it ends
         self._owner.finished()  # its lock released: the owner's lock comes first
 
 
@@ -517,7 +552,9 @@ class HeapTimers:
         self._inbox: collections.deque[tuple[float, int, _HeapEntry]] = collections.deque()
         self._sequence = itertools.count()
         self._cancelled = 0
-        self._wakeup = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._wakeup = threading.Condition(lock)
+        self._parking = Parking(lock)
         # When the thread wakes by itself (monotonic; 0 while it is awake): a
         # timer that fires later wakes nobody.
         self._wakes_at = 0.0
@@ -545,6 +582,8 @@ class HeapTimers:
         if fires_at < self._wakes_at:  # read after the append: see _sleep
             with self._wakeup:
                 self._wakeup.notify()  # due before the thread would wake by itself
+                if not on_our_thread():  # a caller's: wait until it parked again
+                    self._parking.wait(self._parking.count)
         return entry
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
@@ -603,10 +642,7 @@ class HeapTimers:
             if self._thread_started or self._stopped:
                 return
             self._thread_started = True
-            thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        # Started outside the heap's lock, so it is parked in wait() at once: a
-        # thread still starting when uWSGI forks (without Python's fork hooks)
-        # was seen to leave the child waiting for the GIL for ever.
+            thread = self._thread = OurThread(self._run, self.name)
         try:
             thread.start()
         except RuntimeError:
@@ -614,6 +650,8 @@ class HeapTimers:
                 self._thread = None
                 self._thread_started = False
             raise
+        with self._wakeup:
+            self._parking.wait(0)  # returns once it is parked (see Parking)
 
     def _cancel(self, entry: _HeapEntry) -> None:
         with self._wakeup:
@@ -656,6 +694,7 @@ class HeapTimers:
                     continue
                 self._sleep(now, self._heap[0][0] - now if self._heap else math.inf)
             self._watch(False)
+            self._parking.parks()  # it ends
 
     def _sleep(self, now: float, wait: float) -> None:
         """Wait until the next timer fires (``wait`` seconds), or a sooner one is armed."""
@@ -664,6 +703,7 @@ class HeapTimers:
         try:
             # An entry armed before _wakes_at was set did not notify: look first.
             if not self._inbox:  # pragma: no branch - armed in the last few bytecodes
+                self._parking.parks()
                 self._wakeup.wait(None if wait == math.inf else wait)
         finally:
             self._wakes_at = 0.0
@@ -687,6 +727,7 @@ class HeapTimers:
 
     def _fire(self, due: list[Callable[[], None]]) -> None:
         """Run the callbacks of due timers (lock released); what they submit goes in one go."""
+        self._parking.parks()  # it fires: work a caller may wait for
         self._wakeup.release()  # never run a callback holding the heap's lock
         workers = self._workers
         try:
@@ -780,6 +821,9 @@ class _Reaper:
         self._pid = os.getpid()
         self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Only the thread and ensure() take it, never a finalizer (see Parking).
+        self._lock = threading.Lock()
+        self._parking = Parking(self._lock)
 
     def later(self, work: Callable[[], object]) -> None:
         """For a finalizer or a signal handler: takes no lock and never blocks."""
@@ -796,14 +840,22 @@ class _Reaper:
         thread = self._thread
         if thread is not None and thread.is_alive():
             return
-        self._thread = thread = threading.Thread(
-            target=self._run, args=(live,), name="token-refresh-reaper", daemon=True
-        )
+        self._thread = thread = OurThread(self._run, "token-refresh-reaper", args=(live,))
+        seen = self._parking.count
         thread.start()
+        # Returns once it is parked (see Parking), bounded: a signal handler may
+        # have interrupted this very thread in here.
+        if self._lock.acquire(timeout=PARK_WAIT):  # pragma: no branch - held a whole second
+            try:
+                self._parking.wait(seen)
+            finally:
+                self._lock.release()
 
     def _run(self, live: Callable[[], bool]) -> None:
         me = threading.current_thread()
         while True:
+            with self._lock:
+                self._parking.parks()
             work = self._queue.get()
             if work is not None:
                 try:

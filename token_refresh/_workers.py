@@ -33,8 +33,66 @@ EXIT_GRACE = 1.0
 _STALLED = 0.05
 
 
+#: The longest a caller's thread waits for a thread of ours to park (seconds).
+PARK_WAIT = 1.0
+
+
 class Timer(Protocol):
     def cancel(self) -> None: ...
+
+
+class OurThread(threading.Thread):
+    """A daemon thread of the library's; any other thread is a caller's."""
+
+    def __init__(
+        self, target: Callable[..., object], name: str, args: tuple[object, ...] = ()
+    ) -> None:
+        super().__init__(target=target, name=name, args=args, daemon=True)
+
+
+def on_our_thread() -> bool:
+    """Whether the current thread is one of the library's (a worker, a timer, ...)."""
+    return isinstance(threading.current_thread(), OurThread)
+
+
+class Parking:
+    """A thread of ours says when it parks; the caller's thread that started or woke it waits.
+
+    uWSGI's default mode forks its workers in C without taking the GIL: its C
+    code holds the GIL from the end of the app's import and lets go of it just
+    to fork. A thread of ours that a ``schedule()`` at import started or woke,
+    and that has not parked yet, takes the GIL right then, and the child waits
+    for it for ever. So a call on a caller's thread that starts or wakes one of
+    ours returns only once that thread parked again (or began to fire what is
+    due, which is work the call asked for). Threads of ours never wait here:
+    a storm's follow-ups would each pay a context switch.
+
+    The thread calls :meth:`parks` under the lock it is about to wait on; the
+    caller calls :meth:`wait` under the same lock. A thread between the two
+    runs no bytecode that lets another thread take the GIL, short of the OS
+    holding it off for a whole switch interval there.
+    """
+
+    __slots__ = ("_awaited", "_parked", "count")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._parked = threading.Condition(lock)
+        self.count = 0  # how often the thread parked (or began to fire)
+        self._awaited = 0  # callers waiting
+
+    def parks(self) -> None:
+        """The thread is about to wait, fire, or end (the lock held, on that thread)."""
+        self.count += 1
+        if self._awaited:
+            self._parked.notify_all()
+
+    def wait(self, seen: int) -> None:
+        """Until the thread parked since it counted ``seen`` (the lock held), at most PARK_WAIT."""
+        self._awaited += 1
+        try:
+            self._parked.wait_for(lambda: self.count != seen, PARK_WAIT)
+        finally:
+            self._awaited -= 1
 
 
 def _call_each(callbacks: list[Callable[[], None]]) -> None:
@@ -167,7 +225,7 @@ class Workers:
         with self._cond:
             if self._closed or len(self._threads) >= self._max_workers:  # pragma: no cover
                 return  # closed, or another submitter grew it first
-            thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            thread = OurThread(self._work, self._name)
             self._threads.add(thread)
         try:
             thread.start()
@@ -329,7 +387,7 @@ class Watchdog:
 
     def _start(self) -> bool:
         """Start the thread (lock held): False if the OS refuses it."""
-        thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        thread = OurThread(self._run, self._name)
         try:
             thread.start()
         except RuntimeError:
