@@ -294,11 +294,9 @@ class _SessionAlarm:
         self._thread = OurThread(self._run, owner.name)
 
     def start(self) -> None:
-        """Start its thread; return once it is parked (see Parking). RuntimeError if the OS
-        refuses one."""
+        """Start its thread; RuntimeError if the OS refuses one. The set() that follows
+        returns once the thread is parked (see Parking)."""
         self._thread.start()
-        with self._wake:
-            self._parking.wait(0)
 
     def thread(self) -> threading.Thread | None:
         return self._thread if self._thread.ident is not None else None
@@ -340,12 +338,16 @@ class _SessionAlarm:
     def _wake_if_earlier(self) -> None:
         """Wake the thread if it fires before it would wake by itself (lock held).
 
-        A caller's thread then waits until it parked again (see Parking).
+        A caller's thread then waits until it parked again, or first parked
+        if it was still starting (see Parking).
         """
+        seen = self._parking.count
         if self._deadline < self._wakes_at:
             self._wake.notify()
-            if not on_our_thread():
-                self._parking.wait(self._parking.count)
+        elif seen:
+            return  # parked: it wakes before the deadline by itself (or it fires now)
+        if not on_our_thread():
+            self._parking.wait(seen)
 
     def _run(self) -> None:
         self._owner.watch()

@@ -73,10 +73,13 @@ class Parking:
     holding it off for a whole switch interval there.
     """
 
-    __slots__ = ("_awaited", "_parked", "count")
+    __slots__ = ("_awaited", "_lock", "_parked", "count")
 
     def __init__(self, lock: threading.Lock) -> None:
-        self._parked = threading.Condition(lock)
+        self._lock = lock
+        # Made by the first caller to wait: a session's alarm makes one each,
+        # and few are ever waited for.
+        self._parked: threading.Condition | None = None
         self.count = 0  # how often the thread parked (or began to fire)
         self._awaited = 0  # callers waiting
 
@@ -84,13 +87,17 @@ class Parking:
         """The thread is about to wait, fire, or end (the lock held, on that thread)."""
         self.count += 1
         if self._awaited:
+            assert self._parked is not None
             self._parked.notify_all()
 
     def wait(self, seen: int) -> None:
         """Until the thread parked since it counted ``seen`` (the lock held), at most PARK_WAIT."""
+        parked = self._parked
+        if parked is None:
+            parked = self._parked = threading.Condition(self._lock)
         self._awaited += 1
         try:
-            self._parked.wait_for(lambda: self.count != seen, PARK_WAIT)
+            parked.wait_for(lambda: self.count != seen, PARK_WAIT)
         finally:
             self._awaited -= 1
 
