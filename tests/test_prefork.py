@@ -349,7 +349,9 @@ def test_gunicorn_preload_workers_refresh_only_their_own_sessions(
         pytest.param(False, True, "thread", id="uwsgi-fork-hooks"),
         # Heap timers: the heap thread, started at import, must be parked (not
         # starting up) when uWSGI forks without taking the GIL; it once was not
-        # (about 1 start in 6 hung), hence HeapTimers starts it outside its lock.
+        # (about 1 start in 6 hung). A thread backend's alarm thread that
+        # schedule() had woken hung about half the starts of pid-check, hence
+        # Parking: a call returns once the threads it started or woke parked.
         pytest.param(False, False, "heap", id="pid-check-heap-timers"),
         pytest.param(False, True, "heap", id="uwsgi-fork-hooks-heap-timers"),
     ],

@@ -55,19 +55,8 @@ class Attempt:
     # refreshes several times more.
     def started(self, origin: Trigger) -> Attempt:
         """The attempt, started by ``origin`` (kept if it was set before)."""
-        return Attempt(
-            self.session_id,
-            self.generation,
-            self.reason,
-            self.delay,
-            self.due,
-            self.deadline,
-            self.number,
-            self.origin or origin,
-            self.duration,
-            self.served_by,
-            self.terminal,
-            self.wait,
+        return self._then(
+            self.origin or origin, self.duration, self.served_by, self.terminal, self.wait
         )
 
     def ran(
@@ -79,6 +68,17 @@ class Attempt:
     ) -> Attempt:
         """The attempt, after its get_access_token call ran for ``duration`` seconds
         (``terminal`` and ``wait``: a retry policy's verdict on its error)."""
+        return self._then(self.origin, duration, served_by, terminal, wait)
+
+    def _then(
+        self,
+        origin: Trigger | None,
+        duration: float,
+        served_by: ServedBy | None,
+        terminal: str | None,
+        wait: float,
+    ) -> Attempt:
+        """The same attempt with what its start and its call set."""
         return Attempt(
             self.session_id,
             self.generation,
@@ -87,7 +87,7 @@ class Attempt:
             self.due,
             self.deadline,
             self.number,
-            self.origin,
+            origin,
             duration,
             served_by,
             terminal,
