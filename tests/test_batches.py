@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from token_refresh import Scheduler
+from token_refresh import Scheduler, _workers
 from token_refresh._runtime import HeapTimers, Watchdog, Workers
 
 from conftest import make_jwt
@@ -114,6 +114,58 @@ class TestBatches:
             assert not release.is_set()
         finally:
             release.set()
+            for thread in heap.stop() + pool.close() + dog.stop():
+                thread.join(WAIT)
+
+    def test_a_worker_back_from_a_stalled_job_leaves_the_rest_to_the_one_that_joined(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once a stuck job returns, its worker stops draining while another drains: two
+        drainers would contend for every lock, and beside a CPU-bound thread a storm with
+        one slow token request fell behind for good."""
+        # Long enough that the joined worker, waiting a moment in job 1, never looks stuck.
+        monkeypatch.setattr(_workers, "_STALLED", 0.3)
+        dog = Watchdog("token-refresh-batch-test-watchdog")
+        pool = Workers("token-refresh-batch-test", max_workers=2, max_stuck=1, watchdog=dog)
+        heap = HeapTimers("token-refresh-batch-test", workers=pool)
+        gate, release, joined_in, back = (threading.Event() for _ in range(4))
+        rest = threading.Event()
+        workers: dict[int, int] = {}  # job -> the thread that ran it
+        after_back: dict[int, int] = {}
+
+        def job(n: int) -> None:
+            me = threading.get_ident()
+            workers[n] = me
+            if back.is_set():
+                after_back[n] = me
+            if n == 0:
+                assert release.wait(WAIT)  # stuck: after _STALLED another worker joins
+                back.set()
+            elif n == 1:
+                joined_in.set()
+                assert back.wait(WAIT)  # the rest starts once job 0's worker is back
+            if len(workers) == 40:
+                rest.set()
+
+        def fire(n: int) -> None:
+            if n == 0:
+                assert gate.wait(WAIT)
+            pool.submit(lambda: job(n))
+
+        try:
+            for n in range(40):
+                heap.arm(0.0, functools.partial(fire, n))
+            heap.start()
+            gate.set()
+            assert joined_in.wait(WAIT)
+            release.set()
+            assert rest.wait(WAIT)
+            assert workers[0] != workers[1]
+            assert len(after_back) >= 38  # jobs 2-39
+            assert set(after_back.values()) == {workers[1]}
+        finally:
+            release.set()
+            back.set()
             for thread in heap.stop() + pool.close() + dog.stop():
                 thread.join(WAIT)
 

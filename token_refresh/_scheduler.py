@@ -545,7 +545,7 @@ class Scheduler:
       may run before it counts as a failure; its worker is replaced meanwhile.
     - ``max_workers`` (4): threads that run ``get_access_token`` and ``on_refresh``.
       Refreshes due together run one after another on one of them (no hand-off
-      between them); another joins whenever one has run 50 ms.
+      between them); another joins whenever one has run 50 ms, and takes over.
     - ``timers`` (``"thread"``): one timer thread per pending session; ``"heap"``:
       one thread for all of them, for thousands of sessions.
     - ``jitter`` (0) and ``rng``: refresh up to ``jitter`` earlier, at random.

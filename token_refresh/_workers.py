@@ -265,33 +265,49 @@ class Workers:
             self._threads.discard(me)
 
     def _drain(self) -> None:
-        """Run the backlog until it is empty."""
+        """Run the backlog until it is empty, or until this worker was replaced."""
         while True:
             with self._cond:
                 self._draining += 1
+            counted = True
             try:
-                self._run_backlog()
+                counted = self._run_backlog()
             finally:
-                with self._cond:
-                    self._draining -= 1
+                if counted:
+                    with self._cond:
+                        self._draining -= 1
             # Work handed over after the backlog looked empty, but before this
             # worker stopped counting, woke nobody: run it too.
-            if self._closed or not self._backlog:  # pragma: no branch - a narrow race
+            if not counted or self._closed or not self._backlog:  # pragma: no branch
                 return
 
-    def _run_backlog(self) -> None:
+    def _run_backlog(self) -> bool:
+        """Run jobs off the backlog until it is empty (True), or until a job of this
+        worker's ran _STALLED while another drained: then it stops counting and
+        leaves the rest to the others (False)."""
         backlog = self._backlog
         while not self._closed:
             try:
                 job = backlog.popleft()  # another worker may run the backlog too
             except IndexError:
-                return
-            self._job_began = time.monotonic()
+                return True
+            self._job_began = began = time.monotonic()
             try:
                 job()
             except BaseException as error:
                 _internal_error(error)
             del job
+            # A worker joined because this job stalled (hung, slow, or only
+            # waiting for the GIL beside a busy thread): one drainer is enough
+            # again. Two would contend for every lock, and beside a CPU-bound
+            # thread each contended lock costs a 5 ms switch interval: a storm
+            # that had one slow token request fell behind for good.
+            if self._draining > 1 and time.monotonic() - began >= _STALLED:
+                with self._cond:
+                    if self._draining > 1:  # pragma: no branch - the other may stop meanwhile
+                        self._draining -= 1
+                        return False
+        return True
 
     def abandon(self, worker: threading.Thread) -> bool:
         with self._cond:
