@@ -269,28 +269,27 @@ class Workers:
         while True:
             with self._cond:
                 self._draining += 1
-            counted = True
             try:
-                counted = self._run_backlog()
+                replaced = self._run_backlog()
             finally:
-                if counted:
-                    with self._cond:
-                        self._draining -= 1
+                with self._cond:
+                    self._draining -= 1
             # Work handed over after the backlog looked empty, but before this
-            # worker stopped counting, woke nobody: run it too.
-            if not counted or self._closed or not self._backlog:  # pragma: no branch
+            # worker stopped counting, woke nobody: run it too (a replaced
+            # worker only if no other runs it any more).
+            done = self._closed or not self._backlog or (replaced and self._draining > 0)
+            if done:  # pragma: no branch - a narrow race
                 return
 
     def _run_backlog(self) -> bool:
-        """Run jobs off the backlog until it is empty (True), or until a job of this
-        worker's ran _STALLED while another drained: then it stops counting and
-        leaves the rest to the others (False)."""
+        """Run jobs off the backlog until it is empty (False), or until a job of this
+        worker's ran _STALLED while another drained (True: it was replaced)."""
         backlog = self._backlog
         while not self._closed:
             try:
                 job = backlog.popleft()  # another worker may run the backlog too
             except IndexError:
-                return True
+                return False
             self._job_began = began = time.monotonic()
             try:
                 job()
@@ -303,11 +302,8 @@ class Workers:
             # thread each contended lock costs a 5 ms switch interval: a storm
             # that had one slow token request fell behind for good.
             if self._draining > 1 and time.monotonic() - began >= _STALLED:
-                with self._cond:
-                    if self._draining > 1:  # pragma: no branch - the other may stop meanwhile
-                        self._draining -= 1
-                        return False
-        return True
+                return True
+        return False
 
     def abandon(self, worker: threading.Thread) -> bool:
         with self._cond:
