@@ -189,8 +189,10 @@ class TestReaderGone:
         assert (status, capsys.readouterr().err) == (141, "")
         assert len(minted) == 3  # the sessions' first tokens; the first refresh is 2 s later
         for thread in threading.enumerate():
-            if thread.name == "token-refresh-clock-watch":
-                thread.join(5)  # process-wide: it ends by itself once no timer is armed
+            # Process-wide, each ends by itself: the clock watcher once no timer
+            # is armed, the reaper once no scheduler is open.
+            if thread.name in ("token-refresh-clock-watch", "token-refresh-reaper"):
+                thread.join(5)
         left = [t for t in threading.enumerate() if t.name.startswith("token-refresh-")]
         assert not [t for t in left if t.is_alive()]
 
