@@ -169,6 +169,53 @@ class TestBatches:
             for thread in heap.stop() + pool.close() + dog.stop():
                 thread.join(WAIT)
 
+    def test_hand_overs_before_the_woken_worker_begins_wake_no_other(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Work handed over while the worker woken for the backlog has not begun yet (it waits
+        for the GIL beside a busy thread, or finishes other work) wakes no other: idle
+        workers do not drain beside it, so the jobs run one after another, in order."""
+        monkeypatch.setattr(_workers, "_STALLED", 30.0)  # no job looks stuck here
+        dog = Watchdog("token-refresh-batch-test-watchdog")
+        pool = Workers("token-refresh-batch-test", max_workers=4, max_stuck=1, watchdog=dog)
+        release = threading.Event()
+        started = threading.Semaphore(0)
+        second_began = threading.Event()
+        ran: list[tuple[int, int]] = []  # (job, thread)
+        last = threading.Event()
+
+        def blocker() -> None:
+            started.release()
+            assert release.wait(WAIT)
+
+        def job(n: int) -> None:
+            ran.append((n, threading.get_ident()))
+            if n == 0:
+                # Another drainer would begin job 1 meanwhile (a bounded look).
+                second_began.wait(0.2)
+            elif n == 1:
+                second_began.set()
+            elif n == 9:
+                last.set()
+
+        try:
+            for _ in range(4):  # every worker busy: a woken drainer cannot begin yet
+                pool.submit(blocker)
+            for _ in range(4):
+                assert started.acquire(timeout=WAIT)
+            for n in range(10):
+                pool.gather()
+                pool.submit(functools.partial(job, n))
+                pool.hand_over()
+            release.set()
+            assert last.wait(WAIT)
+            assert [n for n, _ in ran] == list(range(10))
+            assert len({thread for _, thread in ran}) == 1  # one drainer ran them all
+        finally:
+            release.set()
+            for thread in pool.close() + dog.stop():
+                thread.join(WAIT)
+
     def test_timers_that_submit_nothing_or_fail_hand_over_nothing(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:

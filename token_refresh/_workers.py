@@ -153,12 +153,21 @@ class Workers:
         # Timer threads only put() on this queue, which takes no lock of ours:
         # thousands of them firing together do not queue on one.
         self._jobs: queue.SimpleQueue[Callable[[], None] | _Drain | None] = queue.SimpleQueue()
-        self._gathering = threading.local()  # .jobs: what submit() on this thread collects
+        # What submit() collects on a thread that gathers, by thread ident. Not
+        # a threading.local: each of a storm's thousands of timer threads would
+        # make its own dict, weakref and dummy the first time it fires (three
+        # objects for the garbage collector per refresh, which ran its young
+        # generations 5 times as often, and held them for as long as the thread).
+        self._gathering: dict[int, list[Callable[[], None]]] = {}
         # Work a timer thread handed over in one go, run in order by one worker
         # with no hand-off between jobs; a second worker joins only when the
         # latest job has run _STALLED (hung, or slow: it holds up the rest).
         self._backlog: collections.deque[Callable[[], None]] = collections.deque()
         self._draining = 0  # workers running the backlog (changed under _cond, read without)
+        # A worker was woken to run the backlog and has not begun yet: until it
+        # does, more work handed over wakes no other (it may wait for the GIL
+        # for a while beside a busy thread; idle workers would drain beside it).
+        self._summoned = False
         self._job_began = 0.0  # when the backlog's latest job began (monotonic)
         self._cond = threading.Condition(threading.Lock())  # for what follows
         self._threads: set[threading.Thread] = set()  # counted workers
@@ -170,7 +179,7 @@ class Workers:
     def submit(self, job: Callable[[], None]) -> bool:
         if self._closed:
             return False
-        gathered: list[Callable[[], None]] | None = getattr(self._gathering, "jobs", None)
+        gathered = self._gathering.get(threading.get_ident()) if self._gathering else None
         if gathered is not None:
             gathered.append(job)  # handed over with the rest by hand_over()
             return True
@@ -181,18 +190,19 @@ class Workers:
 
     def gather(self) -> None:
         """Collect what this thread submits from now on, for hand_over()."""
-        self._gathering.jobs = []
+        self._gathering[threading.get_ident()] = []
 
     def hand_over(self) -> None:
         """Add what this thread gathered to the backlog; wake a worker if none runs it."""
-        jobs, self._gathering.jobs = self._gathering.jobs, None
+        jobs = self._gathering.pop(threading.get_ident(), None)
         if not jobs or self._closed:
             return
         self._backlog.extend(jobs)
         # Read after the extend: a worker that stops draining looks at the
         # backlog again after it stops counting (see _drain).
-        if not self._draining:
+        if not self._draining and not self._summoned:
             self._job_began = time.monotonic()
+            self._summoned = True
             self._wake_drainer()
         if not self._looking:
             self._look_later()  # in case a job of it hangs
@@ -269,15 +279,17 @@ class Workers:
         while True:
             with self._cond:
                 self._draining += 1
+            self._summoned = False  # counted first: hand_over() sees one or the other
             try:
                 replaced = self._run_backlog()
             finally:
                 with self._cond:
                     self._draining -= 1
             # Work handed over after the backlog looked empty, but before this
-            # worker stopped counting, woke nobody: run it too (a replaced
-            # worker only if no other runs it any more).
-            done = self._closed or not self._backlog or (replaced and self._draining > 0)
+            # worker stopped counting, woke nobody: run it too, unless it woke
+            # a worker after all (a replaced worker only if no other runs it).
+            left = self._summoned or (replaced and self._draining > 0)
+            done = self._closed or not self._backlog or left
             if done:  # pragma: no branch - a narrow race
                 return
 
