@@ -443,7 +443,8 @@ class Watchdog:
                 took = bool(self._inbox)
                 while self._inbox:
                     watch = self._inbox.popleft()
-                    heapq.heappush(watched, (watch.deadline, next(sequence), watch))
+                    if watch.callback is not None:  # a call that returned meanwhile is dropped
+                        heapq.heappush(watched, (watch.deadline, next(sequence), watch))
                 now = time.monotonic()
                 due = self._due(watched, now)
                 if due:
