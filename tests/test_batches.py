@@ -6,6 +6,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -17,6 +18,24 @@ from conftest import make_jwt
 WAIT = 10.0
 
 pytestmark = [pytest.mark.realclock, pytest.mark.timeout(30)]
+
+
+def _due_together(
+    heap: HeapTimers, pool: Workers, job: Callable[[int], None], count: int
+) -> threading.Event:
+    """Arm ``count`` timers due now, each submitting ``job(n)``, and start the heap; the
+    first waits for the returned gate, so every timer is due by the time it goes on."""
+    gate = threading.Event()
+
+    def fire(n: int) -> None:
+        if n == 0:
+            assert gate.wait(WAIT)
+        pool.submit(lambda: job(n))
+
+    for n in range(count):
+        heap.arm(0.0, functools.partial(fire, n))
+    heap.start()
+    return gate
 
 
 class TestBatches:
@@ -90,7 +109,7 @@ class TestBatches:
         dog = Watchdog("token-refresh-batch-test-watchdog")
         pool = Workers("token-refresh-batch-test", max_workers=2, max_stuck=1, watchdog=dog)
         heap = HeapTimers("token-refresh-batch-test", workers=pool)
-        gate, release, rest = threading.Event(), threading.Event(), threading.Event()
+        release, rest = threading.Event(), threading.Event()
         workers: dict[int, str] = {}
 
         def job(n: int) -> None:
@@ -100,16 +119,8 @@ class TestBatches:
             elif len(workers) == 10:
                 rest.set()
 
-        def fire(n: int) -> None:
-            if n == 0:
-                assert gate.wait(WAIT)  # every timer is due by the time it goes on
-            pool.submit(lambda: job(n))
-
         try:
-            for n in range(10):
-                heap.arm(0.0, functools.partial(fire, n))
-            heap.start()
-            gate.set()
+            _due_together(heap, pool, job, 10).set()
             assert rest.wait(WAIT)  # jobs 1-9 ran while job 0 was stuck
             assert not release.is_set()
         finally:
@@ -128,7 +139,7 @@ class TestBatches:
         dog = Watchdog("token-refresh-batch-test-watchdog")
         pool = Workers("token-refresh-batch-test", max_workers=2, max_stuck=1, watchdog=dog)
         heap = HeapTimers("token-refresh-batch-test", workers=pool)
-        gate, release, joined_in, back = (threading.Event() for _ in range(4))
+        release, joined_in, back = (threading.Event() for _ in range(3))
         rest = threading.Event()
         workers: dict[int, int] = {}  # job -> the thread that ran it
         after_back: dict[int, int] = {}
@@ -147,16 +158,8 @@ class TestBatches:
             if len(workers) == 40:
                 rest.set()
 
-        def fire(n: int) -> None:
-            if n == 0:
-                assert gate.wait(WAIT)
-            pool.submit(lambda: job(n))
-
         try:
-            for n in range(40):
-                heap.arm(0.0, functools.partial(fire, n))
-            heap.start()
-            gate.set()
+            _due_together(heap, pool, job, 40).set()
             assert joined_in.wait(WAIT)
             release.set()
             assert rest.wait(WAIT)
