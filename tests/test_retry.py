@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -371,7 +370,7 @@ class TestMachine:
 
     def fail(self, machine: Machine, attempt: Attempt, **verdict: Any) -> Step:
         step = machine.fetched(
-            replace(attempt, **verdict), None, error="OSError", wall=0.0, monotonic=0.0
+            attempt._replace(**verdict), None, error="OSError", wall=0.0, monotonic=0.0
         )
         machine.commit(step)
         return step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -81,6 +82,30 @@ class TestHeapTimers:
         assert later.wait(WAIT)
         assert "internal error in a timer or worker thread" in caplog.text
         timers.stop()
+
+    def test_sweep_cancels_each_set_alarm_but_those_kept(self) -> None:
+        """sweep() cancels an alarm set for a session nobody lists any more (an interrupted
+        call can leave one); the alarms it keeps, and one not set yet, still fire."""
+        timers = HeapTimers("token-refresh-heap-test")
+        fired: list[object] = []
+        last = threading.Event()
+
+        def record(payload: object) -> None:
+            fired.append(payload)
+            if payload == "set after the sweep":
+                last.set()
+
+        left, kept, fresh = timers.alarm(record), timers.alarm(record), timers.alarm(record)
+        left.set(0.5, math.inf, "left behind")  # due first: it would fire before the others
+        kept.set(0.6, math.inf, "kept")
+        timers.sweep([kept])
+        fresh.set(0.7, math.inf, "set after the sweep")  # made before the sweep, set after
+        assert last.wait(WAIT)
+        assert fired == ["kept", "set after the sweep"]
+        left.set(0.0, math.inf, "set again")  # a cancelled alarm stays cancelled
+        for thread in timers.stop():
+            thread.join(WAIT)
+        assert fired == ["kept", "set after the sweep"]
 
     def test_stop_before_any_timer_has_no_thread(self) -> None:
         """The thread starts with the first timer, so stopping an unused backend joins nothing."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from ._retry import RetryPolicy
 from .events import ServedBy, Trigger
@@ -34,8 +34,7 @@ MAX_REFRESH_FAILURES: Final = 3
 Reason = Literal["exp", "expires_in", "retry", "follow_up"]
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One refresh attempt of a session, bound to the generation that armed it."""
 
     session_id: str
@@ -51,8 +50,8 @@ class Attempt:
     terminal: str | None = None  # why its failure ends the chain (a retry policy's verdict)
     wait: float = 0.0  # the least delay before its retry (a RateLimited's retry_after)
 
-    # Written out rather than dataclasses.replace(), which costs a storm of
-    # refreshes several times more.
+    # Written out rather than _replace(), which costs a storm of refreshes
+    # several times more.
     def started(self, origin: Trigger) -> Attempt:
         """The attempt, started by ``origin`` (kept if it was set before)."""
         return self._then(
@@ -95,8 +94,7 @@ class Attempt:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
+class Session(NamedTuple):
     """A session with a live refresh chain: its generation, its alarm, what that alarm fires."""
 
     generation: int
@@ -108,32 +106,28 @@ class Session:
         return Session(self.generation, self.alarm, armed)
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """An on_refresh call running for a session, and the newer result due after it."""
 
     generation: int
     next: tuple[Attempt, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
+class Report(NamedTuple):
     """An outcome for the driver to log and send as an event (see ``_report.py``)."""
 
     outcome: str
     session_id: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(NamedTuple):
     """Call get_access_token for this attempt (on a worker)."""
 
     attempt: Attempt
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(NamedTuple):
     """Call on_refresh with this token (on the thread that carries out the step)."""
 
     attempt: Attempt
@@ -274,7 +268,7 @@ class Machine:
             return step
         # An older generation's on_refresh is running: its thread delivers this
         # one next, so no worker waits for it. What it would have delivered is stale.
-        step = Step(session_id, failures=None, delivery=replace(delivery, next=(attempt, token)))
+        step = Step(session_id, failures=None, delivery=delivery._replace(next=(attempt, token)))
         if delivery.next is not None:
             handed = delivery.next[0]
             step.then.append(self._stale(handed, session))
@@ -368,7 +362,7 @@ class Machine:
         """The alarm ``step`` arms could not be set (no thread): the chain ends there instead."""
         session = self.sessions.get(step.session_id)
         then = [
-            replace(command, fields=command.fields | {"final": True})
+            command._replace(fields=command.fields | {"final": True})
             if isinstance(command, Report) and command.outcome in ("failed", "timed_out")
             else command
             for command in step.then
@@ -390,7 +384,7 @@ class Machine:
         step = Step(attempt.session_id)
         if session is None or session.generation != attempt.generation or session.armed:
             return step  # replaced, cancelled, or armed again meanwhile
-        now = replace(attempt, delay=0.0, due=wall, deadline=monotonic)
+        now = attempt._replace(delay=0.0, due=wall, deadline=monotonic)
         step.session, step.arm = session.arming(now), now
         return step
 
@@ -400,7 +394,7 @@ class Machine:
         step = Step(session_id, session=None, failures=None, then=self._retry_dropped(session))
         if session is not None:
             step.release = session.alarm
-            step.then.append(Report("cancelled", session_id))
+            step.then.append(Report("cancelled", session_id, {}))
         return step
 
     def cancel_all(self) -> list[Step]:

@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ._workers import (
     PARK_WAIT,
@@ -470,16 +470,30 @@ class ThreadTimers:
         return [thread for alarm in alarms if (thread := alarm.thread()) is not None]
 
 
-class _HeapEntry:
-    """A timer in a HeapTimers heap; cancelling it leaves it there to be skipped."""
+#: An entry armed with no payload calls its callback with no argument.
+_NO_PAYLOAD: Final[Any] = object()
 
-    __slots__ = ("callback", "deadline", "due", "owner")
+
+class _HeapEntry:
+    """A timer in a HeapTimers heap; cancelling it leaves it there to be skipped.
+
+    It calls ``callback(payload)`` when it fires, or ``callback()`` without
+    one: a pending session holds no ``functools.partial`` of its own.
+    """
+
+    __slots__ = ("callback", "deadline", "due", "owner", "payload")
 
     def __init__(
-        self, owner: HeapTimers, callback: Callable[[], None] | None, deadline: float, due: float
+        self,
+        owner: HeapTimers,
+        callback: Callable[..., None] | None,
+        deadline: float,
+        due: float,
+        payload: object = _NO_PAYLOAD,
     ) -> None:
         self.owner = owner
-        self.callback: Callable[[], None] | None = callback
+        self.callback: Callable[..., None] | None = callback
+        self.payload = payload
         self.deadline = deadline  # monotonic
         self.due = due  # wall time
 
@@ -489,26 +503,32 @@ class _HeapEntry:
 
 
 class _HeapAlarm:
-    """A session's alarm on a HeapTimers: setting it replaces its entry in the heap."""
+    """A session's alarm on a HeapTimers: setting it replaces its entry in the heap.
 
-    __slots__ = ("__weakref__", "_callback", "_entry", "_heap", "_lock", "used")
+    No lock of its own (one per pending session adds up): the scheduler calls
+    ``set``, ``disarm`` and ``cancel`` under its own lock, but for ``cancel``
+    on an alarm no session got, which nobody else sets (``cancel`` is
+    idempotent, and an entry's own cancel takes the heap's lock).
+    """
+
+    __slots__ = ("_callback", "_entry", "_heap", "used")
 
     def __init__(self, heap: HeapTimers, callback: Callable[[Any], None]) -> None:
         self.used = False  # set at least once (see sweep)
         self._heap = heap
         self._callback: Callable[[Any], None] | None = callback
         self._entry: Timer | None = None
-        self._lock = threading.Lock()
 
     def set(self, delay: float, due: float, payload: object) -> None:
-        self.used = True
-        with self._lock:
-            if self._callback is None:
-                return
-            old, self._entry = self._entry, None
-            if old is not None:
-                old.cancel()
-            self._entry = self._heap.arm(delay, functools.partial(self._callback, payload), due)
+        if self._callback is None:
+            return
+        if not self.used:
+            self.used = True
+            self._heap.alarms.add(self)  # until cancelled: sweep() reaches it
+        old, self._entry = self._entry, None
+        if old is not None:
+            old.cancel()
+        self._entry = self._heap.arm(delay, self._callback, due, payload)
         # The heap's thread starts with its first entry in place, so it waits for
         # it at once: a thread woken again just after schedule() returns can be
         # holding the GIL when a pre-fork server forks without Python's hooks
@@ -517,14 +537,13 @@ class _HeapAlarm:
         self._heap.start()
 
     def disarm(self) -> None:
-        with self._lock:
-            entry, self._entry = self._entry, None
+        entry, self._entry = self._entry, None
         if entry is not None:
             entry.cancel()
 
     def cancel(self) -> None:
-        with self._lock:
-            entry, self._entry, self._callback = self._entry, None, None
+        entry, self._entry, self._callback = self._entry, None, None
+        self._heap.alarms.discard(self)
         if entry is not None:
             entry.cancel()
 
@@ -554,7 +573,8 @@ class HeapTimers:
         self._inbox: collections.deque[tuple[float, int, _HeapEntry]] = collections.deque()
         self._sequence = itertools.count()
         self._cancelled = 0
-        lock = threading.Lock()
+        # The condition's own lock, for a cancel (a Condition's ``with`` runs Python code).
+        self._lock = lock = threading.Lock()
         self._wakeup = threading.Condition(lock)
         self._parking = Parking(lock)
         # When the thread wakes by itself (monotonic; 0 while it is awake): a
@@ -563,13 +583,22 @@ class HeapTimers:
         self._thread: threading.Thread | None = None
         self._thread_started = False
         self._stopped = False
-        self._alarms: weakref.WeakSet[_HeapAlarm] = weakref.WeakSet()
+        # Alarms set and not cancelled, for sweep(): a plain set, as a WeakSet's
+        # weakref costs a pending session more than its alarm does.
+        self.alarms: set[_HeapAlarm] = set()
 
-    def arm(self, delay: float, callback: Callable[[], None], due: float = math.inf) -> Timer:
-        """Run ``callback`` after ``delay``, or at wall time ``due`` if that comes first."""
+    def arm(
+        self,
+        delay: float,
+        callback: Callable[..., None],
+        due: float = math.inf,
+        payload: object = _NO_PAYLOAD,
+    ) -> Timer:
+        """Run ``callback`` (with ``payload``, if given) after ``delay``, or at wall time
+        ``due`` if that comes first."""
         if self._stopped:
             return _HeapEntry(self, None, math.inf, due)  # never fires
-        entry = _HeapEntry(self, callback, time.monotonic() + delay, due)
+        entry = _HeapEntry(self, callback, time.monotonic() + delay, due, payload)
         fires_at = _fires_at(entry.deadline, due)
         if self._watch_clock and not self._watched:
             with self._wakeup:
@@ -589,13 +618,11 @@ class HeapTimers:
         return entry
 
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
-        alarm = _HeapAlarm(self, callback)
-        self._alarms.add(alarm)
-        return alarm
+        return _HeapAlarm(self, callback)
 
     def sweep(self, keep: Collection[Alarm]) -> None:
-        for alarm in list(self._alarms):
-            if alarm.used and alarm not in keep:
+        for alarm in list(self.alarms):
+            if alarm not in keep:
                 alarm.cancel()
 
     def _take_inbox(self) -> None:
@@ -656,19 +683,21 @@ class HeapTimers:
             self._parking.wait(0)  # returns once it is parked (see Parking)
 
     def _cancel(self, entry: _HeapEntry) -> None:
-        with self._wakeup:
+        with self._lock:
             if (
                 entry.callback is None
             ):  # pragma: no cover - fired or cancelled since cancel() looked
                 return
-            callback, entry.callback = entry.callback, None  # dropped after the lock, see stop()
+            # Dropped after the lock, see stop().
+            callback, payload = entry.callback, entry.payload
+            entry.callback = entry.payload = None
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
                 self._take_inbox()  # the dead entries it holds are counted too
                 self._heap = [item for item in self._heap if item[2].callback is not None]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
-        del callback
+        del callback, payload
 
     def stop(self) -> list[threading.Thread]:
         """Stop the timer thread (pending timers never fire); return it to join."""
@@ -721,8 +750,11 @@ class HeapTimers:
                 self._cancelled -= 1
             elif fires_at <= now:
                 heapq.heappop(heap)
-                due.append(entry.callback)
-                entry.callback = None
+                callback, payload = entry.callback, entry.payload
+                entry.callback = entry.payload = None
+                due.append(
+                    callback if payload is _NO_PAYLOAD else functools.partial(callback, payload)
+                )
             else:
                 break
         return due

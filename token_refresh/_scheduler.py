@@ -194,6 +194,8 @@ class _State:
             for session_id in session_ids
             if (delivery := deliveries.get(session_id)) is not None
         }
+        if not running:
+            return True
 
         def done() -> bool:
             return all(
@@ -201,7 +203,7 @@ class _State:
                 for session_id, was in running.items()
             )
 
-        if not running or self.inside():
+        if self.inside():
             return done()
         return self.delivered.wait_for(done, limit)
 
