@@ -219,9 +219,28 @@ def ratio_lines(results: Result, sizes: list[int]) -> list[str]:
             parts.append(
                 f"thread backend's median schedule() call = {times(thread_cost)} a bare Timer's"
             )
+        parts += baseline_ratios(results, n)
         if parts:
             lines.append(f"- **N = {n:,}**: " + "; ".join(parts) + ".")
     return [*lines, ""]
+
+
+def baseline_ratios(results: Result, n: int) -> list[str]:
+    """Each backend against the same backend of the --baseline checkout, if it ran."""
+    parts = []
+    for backend in ("heap", "thread"):
+        ours, theirs = f"token_refresh[{backend}]", f"baseline[{backend}]"
+        rate_ratio = ratio(
+            schedule_cancel_rate(results, ours, n), schedule_cancel_rate(results, theirs, n)
+        )
+        ours_rss = ops_value(results, ours, n, "rss_per_session") if n >= 1000 else None
+        rss_ratio = ratio(ours_rss, ops_value(results, theirs, n, "rss_per_session"))
+        if rate_ratio is not None:
+            text = f"{backend} backend against {theirs}: schedule+cancel {times(rate_ratio)}"
+            if rss_ratio is not None:
+                text += f", RSS per pending session {times(rss_ratio)}"
+            parts.append(text)
+    return parts
 
 
 def run_lines(results: Result) -> list[str]:
@@ -1126,6 +1145,35 @@ def storm_collapses(results: Result) -> str | None:
     )
 
 
+def storm_gc_lines(storm: Result) -> list[str]:
+    """One line: the garbage collector's passes during the storm runs, by contender.
+
+    From the end of scheduling to the last delivery; a pass over a storm's
+    worth of objects holds every thread while it runs.
+    """
+    passes: dict[str, list[list[list[float]]]] = {}
+    for name, cells in storm.items():
+        for cell in cells.values():
+            for result in cell.values():
+                for run in result.get("runs", [result]):
+                    if isinstance(run.get("gc"), dict):
+                        passes.setdefault(name, []).append(
+                            [run["gc"].get(f"gen{g}", [0, 0.0]) for g in (0, 1, 2)]
+                        )
+    if not passes:
+        return []
+    parts = []
+    for name, runs in passes.items():
+        young = max(int(run[0][0]) for run in runs)
+        older = max(int(run[1][0]) + int(run[2][0]) for run in runs)
+        longest = max(float(count_ms[1]) for run in runs for count_ms in run)
+        parts.append(f"{name} {young} young and {older} older, longest {longest:.2g} ms")
+    return [
+        "- Garbage collections in one run, from the end of scheduling to the last delivery"
+        " (the most of any run; a pass holds every thread): " + "; ".join(parts) + "."
+    ]
+
+
 def storm_section(results: Result) -> list[str]:
     """The "Many refreshes due at once" section, from results["storm"]."""
     meta = results["meta"]
@@ -1249,6 +1297,7 @@ def storm_section(results: Result) -> list[str]:
             f" (`/proc/loadavg`): at most {max(others)}, median"
             f" {sorted(others)[len(others) // 2]}."
         )
+    lines += storm_gc_lines(results["storm"])
     lines += [
         "- Repeats outermost, then sizes, then contenders, each (N, contender, calm or busy) in",
         "  a fresh worker process, so that a noisy minute hits every contender alike.",

@@ -1,16 +1,18 @@
 """Benchmark token_refresh's timer backends against bare timers and APScheduler 3.
 
-    python benchmarks/run.py            # full run: about 20-25 minutes on 2 cores,
-                                        # most of it the storm rows, run 3 times
+    python benchmarks/run.py            # full run: about 35 minutes on 2 cores,
+                                        # most of it the storm rows, run 5 times
     python benchmarks/run.py --quick    # about 2 minutes: 2 s idle windows, fewer
                                         # rounds, lateness at N=10,000 for the
                                         # one-thread contenders only
     python benchmarks/run.py --smoke    # N=100 only, < 30 s, for CI; exit 1 if a
                                         # contender cannot run or a worker fails
-    python benchmarks/run.py --storm    # only the storm rows, 25-35 minutes: 1,000 /
+    python benchmarks/run.py --storm    # only the storm rows, 30-40 minutes: 1,000 /
                                         # 5,000 / 10,000 refreshes due within 1 s,
-                                        # each run 3 times, six contenders with the
+                                        # each run 5 times, six contenders with the
                                         # floor; rewrites that one section of --out
+    python benchmarks/run.py --baseline DIR   # also the token_refresh of another
+                                        # checkout, interleaved, in every row
     python benchmarks/run.py --budget   # only the per-refresh budget, under a minute:
                                         # 1,000 refreshes due within 1 s, counting
                                         # locks, waits and context switches per
@@ -23,7 +25,7 @@ measurement runs in a fresh ``benchmarks/_worker.py`` process, sizes in the
 outer loop and contenders in the inner one, so that a noisy minute on a
 shared machine hits every contender alike. The full run ends with the
 storm rows (many refreshes due at once, timed at delivery), each repeated
-(``--storm-repeats``, default 3): with thousands of threads due at once a
+(``--storm-repeats``, default 5): with thousands of threads due at once a
 thread per session either keeps up or falls seconds behind, from one run to
 the next, so one run per cell would be a coin toss. Beside them runs the
 floor: one thread that calls the callback for each due session in deadline
@@ -75,7 +77,7 @@ STORM_WINDOW = 1.0
 #: Seconds after the window that a storm run waits for the last deliveries.
 STORM_DRAIN = 15.0
 #: Runs of each storm cell; the report gives the median run and every run's figures.
-STORM_REPEATS = 3
+STORM_REPEATS = 5
 #: The per-refresh budget: contenders, and N refreshes due within STORM_WINDOW seconds.
 BUDGET_CONTENDERS = ["token_refresh[heap]", "token_refresh[thread]", "floor", "bare heap"]
 BUDGET_N = 1000
@@ -254,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
         for name, entry in BASELINE.items():
             timers = name[len("baseline[") : -1]
+            # In every phase: throughput and memory per session are compared too.
             CONTENDERS[name] = entry._replace(
                 description=f"token_refresh at git `{revision or '?'}` (--baseline), "
-                f"`timers={timers!r}`"
+                f"`timers={timers!r}`",
+                storm_only=False,
             )
         STORM_CONTENDERS[2:2] = ["baseline[thread]", "baseline[heap]"]
         BUDGET_CONTENDERS[2:2] = ["baseline[heap]", "baseline[thread]"]
@@ -508,6 +512,7 @@ def runnable_elsewhere() -> int:
 RUN_FIELDS = (
     "p50_ms",
     "p99_ms",
+    "gc",
     "max_ms",
     "fired",
     "unfired",
