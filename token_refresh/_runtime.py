@@ -94,7 +94,7 @@ class Runtime(Protocol):
         """A new alarm that calls ``callback``; may start a thread (lock not held)."""
 
     def sweep(self, keep: Collection[Alarm]) -> None:
-        """Cancel every alarm ever set that is not in ``keep`` (the caller's lock held)."""
+        """Cancel every alarm still set that is not in ``keep`` (the caller's lock held)."""
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Run ``job`` on a worker; False once closed (the job is dropped)."""
@@ -478,10 +478,11 @@ class _HeapEntry:
     """A timer in a HeapTimers heap; cancelling it leaves it there to be skipped.
 
     It calls ``callback(payload)`` when it fires, or ``callback()`` without
-    one: a pending session holds no ``functools.partial`` of its own.
+    one: a pending session holds no ``functools.partial`` of its own. An
+    alarm's entry names it, for sweep().
     """
 
-    __slots__ = ("callback", "deadline", "due", "owner", "payload")
+    __slots__ = ("alarm", "callback", "deadline", "due", "owner", "payload")
 
     def __init__(
         self,
@@ -490,8 +491,10 @@ class _HeapEntry:
         deadline: float,
         due: float,
         payload: object = _NO_PAYLOAD,
+        alarm: _HeapAlarm | None = None,
     ) -> None:
         self.owner = owner
+        self.alarm = alarm
         self.callback: Callable[..., None] | None = callback
         self.payload = payload
         self.deadline = deadline  # monotonic
@@ -505,16 +508,16 @@ class _HeapEntry:
 class _HeapAlarm:
     """A session's alarm on a HeapTimers: setting it replaces its entry in the heap.
 
-    No lock of its own (one per pending session adds up): the scheduler calls
-    ``set``, ``disarm`` and ``cancel`` under its own lock, but for ``cancel``
-    on an alarm no session got, which nobody else sets (``cancel`` is
-    idempotent, and an entry's own cancel takes the heap's lock).
+    No lock of its own, and no reference from the heap but its entry's (a
+    lock and a weak reference per pending session add up): the scheduler
+    calls ``set``, ``disarm`` and ``cancel`` under its own lock, but for
+    ``cancel`` on an alarm no session got, which nobody else sets
+    (``cancel`` is idempotent, and an entry's own cancel takes the heap's lock).
     """
 
-    __slots__ = ("_callback", "_entry", "_heap", "used")
+    __slots__ = ("_callback", "_entry", "_heap")
 
     def __init__(self, heap: HeapTimers, callback: Callable[[Any], None]) -> None:
-        self.used = False  # set at least once (see sweep)
         self._heap = heap
         self._callback: Callable[[Any], None] | None = callback
         self._entry: Timer | None = None
@@ -522,13 +525,10 @@ class _HeapAlarm:
     def set(self, delay: float, due: float, payload: object) -> None:
         if self._callback is None:
             return
-        if not self.used:
-            self.used = True
-            self._heap.alarms.add(self)  # until cancelled: sweep() reaches it
         old, self._entry = self._entry, None
         if old is not None:
             old.cancel()
-        self._entry = self._heap.arm(delay, self._callback, due, payload)
+        self._entry = self._heap.arm(delay, self._callback, due, payload, self)
         # The heap's thread starts with its first entry in place, so it waits for
         # it at once: a thread woken again just after schedule() returns can be
         # holding the GIL when a pre-fork server forks without Python's hooks
@@ -543,7 +543,6 @@ class _HeapAlarm:
 
     def cancel(self) -> None:
         entry, self._entry, self._callback = self._entry, None, None
-        self._heap.alarms.discard(self)
         if entry is not None:
             entry.cancel()
 
@@ -583,9 +582,6 @@ class HeapTimers:
         self._thread: threading.Thread | None = None
         self._thread_started = False
         self._stopped = False
-        # Alarms set and not cancelled, for sweep(): a plain set, as a WeakSet's
-        # weakref costs a pending session more than its alarm does.
-        self.alarms: set[_HeapAlarm] = set()
 
     def arm(
         self,
@@ -593,12 +589,13 @@ class HeapTimers:
         callback: Callable[..., None],
         due: float = math.inf,
         payload: object = _NO_PAYLOAD,
+        alarm: _HeapAlarm | None = None,
     ) -> Timer:
         """Run ``callback`` (with ``payload``, if given) after ``delay``, or at wall time
-        ``due`` if that comes first."""
+        ``due`` if that comes first; ``alarm``: the alarm it is set for."""
         if self._stopped:
             return _HeapEntry(self, None, math.inf, due)  # never fires
-        entry = _HeapEntry(self, callback, time.monotonic() + delay, due, payload)
+        entry = _HeapEntry(self, callback, time.monotonic() + delay, due, payload, alarm)
         fires_at = _fires_at(entry.deadline, due)
         if self._watch_clock and not self._watched:
             with self._wakeup:
@@ -621,8 +618,13 @@ class HeapTimers:
         return _HeapAlarm(self, callback)
 
     def sweep(self, keep: Collection[Alarm]) -> None:
-        for alarm in list(self.alarms):
-            if alarm not in keep:
+        """Cancel every alarm set to fire that is not in ``keep``: an alarm that fires
+        nothing is one nobody holds (or will set again) but a session."""
+        with self._lock:  # the heap's thread pushes and pops meanwhile
+            entries = [item[2] for item in itertools.chain(self._heap, self._inbox)]
+        for entry in entries:
+            alarm = entry.alarm
+            if entry.callback is not None and alarm is not None and alarm not in keep:
                 alarm.cancel()
 
     def _take_inbox(self) -> None:
@@ -690,7 +692,7 @@ class HeapTimers:
                 return
             # Dropped after the lock, see stop().
             callback, payload = entry.callback, entry.payload
-            entry.callback = entry.payload = None
+            entry.callback = entry.payload = entry.alarm = None
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
                 self._take_inbox()  # the dead entries it holds are counted too
@@ -751,7 +753,7 @@ class HeapTimers:
             elif fires_at <= now:
                 heapq.heappop(heap)
                 callback, payload = entry.callback, entry.payload
-                entry.callback = entry.payload = None
+                entry.callback = entry.payload = entry.alarm = None
                 due.append(
                     callback if payload is _NO_PAYLOAD else functools.partial(callback, payload)
                 )
