@@ -831,6 +831,25 @@ class TestCollection:
             assert not thread.is_alive(), thread.name
 
     @pytest.mark.parametrize("timers", ["thread", "heap"])
+    @pytest.mark.parametrize("jitter", [0.0, 5.0])
+    def test_an_idle_scheduler_needs_no_garbage_collection(
+        self, timers: Literal["thread", "heap"], jitter: float
+    ) -> None:
+        """No reference cycle holds an idle scheduler (jitter= made one): dropped, it is
+        collected at once, not at a collection that a quiet daemon may not run for hours."""
+        sched = Scheduler(lambda: "t", lambda s, t: None, timers=timers, jitter=jitter)
+        sched.schedule_from_expires_in("s1", 3600)
+        assert sched.cancel("s1")
+        collected = threading.Event()
+        weakref.finalize(sched, collected.set)
+        gc.disable()
+        try:
+            del sched
+            assert collected.is_set()
+        finally:
+            gc.enable()
+
+    @pytest.mark.parametrize("timers", ["thread", "heap"])
     def test_scheduler_with_a_live_session_keeps_refreshing(
         self, timers: Literal["thread", "heap"]
     ) -> None:

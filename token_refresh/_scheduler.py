@@ -268,6 +268,15 @@ def _options(
     )
 
 
+def _check_choices(clock: object, timers: object, rng: object) -> None:
+    if clock is not None and not isinstance(clock, ManualClock):
+        raise TypeError(f"clock must be a ManualClock or None, not {type(clock).__name__}")
+    if timers not in ("thread", "heap"):
+        raise ValueError(f"timers must be 'thread' or 'heap', not {timers!r}")
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random or None, not {type(rng).__name__}")
+
+
 def _check_callables(**callbacks: object) -> None:
     for name, callback in callbacks.items():
         if name == "on_event" and callback is None:
@@ -594,12 +603,7 @@ class Scheduler:
             retry_policy,
         )
         count(max_workers, "max_workers", 1)
-        if clock is not None and not isinstance(clock, ManualClock):
-            raise TypeError(f"clock must be a ManualClock or None, not {type(clock).__name__}")
-        if timers not in ("thread", "heap"):
-            raise ValueError(f"timers must be 'thread' or 'heap', not {timers!r}")
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random or None, not {type(rng).__name__}")
+        _check_choices(clock, timers, rng)
         self._label = label
         self._rng = rng if rng is not None else random.Random()
         self._runtime: Runtime = (
@@ -630,15 +634,14 @@ class Scheduler:
         return Machine(
             retry_delay=self._options.retry_delay,
             follow_up_interval=self._options.follow_up_interval,
-            jitter=self._jittered if self._options.jitter else _same,
+            jitter=(
+                functools.partial(_jittered, self._rng, self._options.jitter)
+                if self._options.jitter
+                else _same
+            ),
             policy=self._options.retry_policy,
             draw=self._rng.random,
         )
-
-    def _jittered(self, delay: float) -> float:
-        # Earlier, never later, and by at most half the delay, so a short
-        # delay cannot collapse into a tight loop.
-        return delay - self._rng.uniform(0.0, min(self._options.jitter, delay / 2))
 
     @property
     def _observers(self) -> tuple[Callable[[events.Event], None], ...]:
@@ -945,7 +948,9 @@ class Scheduler:
                     alarm = made if session is None else session.alarm
                     if alarm is not None:  # else the session ended meanwhile: make it one
                         planned.append(
-                            self._plan(state, session_id, alarm, due, delay, reason, detail)
+                            _plan(
+                                state, self._runtime, session_id, alarm, due, delay, reason, detail
+                            )
                         )
                         state.apply(planned[0], refuse=True)
             self._refresher.carry_out(state, planned[0])
@@ -958,43 +963,10 @@ class Scheduler:
             ) from error
         except BaseException:
             # A refresh due at once that an exception kept from starting comes later.
-            self._rescue(state, planned)
+            _rescue(state, self._runtime, planned)
             raise
         finally:
             _discard_unpublished(state, session_id, made)
-
-    def _rescue(self, state: _State, planned: list[Step]) -> None:
-        runtime = self._runtime
-        for command in [command for step in planned for command in step.then]:
-            if isinstance(command, Fetch):
-                with state.lock:
-                    rescue = state.machine.rescue(
-                        command.attempt, wall=runtime.time(), monotonic=runtime.monotonic()
-                    )
-                    state.apply(rescue)
-
-    def _plan(
-        self,
-        state: _State,
-        session_id: str,
-        alarm: Alarm,
-        due: float,
-        delay: float,
-        reason: Literal["exp", "expires_in"],
-        detail: dict[str, Any],
-    ) -> Step:
-        runtime = self._runtime
-        if delay <= 0:
-            due = runtime.time()
-        return state.machine.schedule(
-            session_id,
-            alarm,
-            delay=delay,
-            due=due,
-            monotonic=runtime.monotonic(),
-            reason=reason,
-            detail=detail,
-        )
 
     # -- refreshing ---------------------------------------------------------
 
@@ -1002,6 +974,41 @@ class Scheduler:
         # An alarm's thread: no lock here, thousands firing together would
         # queue on it. The worker checks that the refresh is still wanted.
         self._refresher.start(self._state, attempt, fired=True)
+
+
+def _plan(
+    state: _State,
+    runtime: Runtime,
+    session_id: str,
+    alarm: Alarm,
+    due: float,
+    delay: float,
+    reason: Literal["exp", "expires_in"],
+    detail: dict[str, Any],
+) -> Step:
+    """The step schedule() takes: a refresh due at once is due now (lock held)."""
+    if delay <= 0:
+        due = runtime.time()
+    return state.machine.schedule(
+        session_id,
+        alarm,
+        delay=delay,
+        due=due,
+        monotonic=runtime.monotonic(),
+        reason=reason,
+        detail=detail,
+    )
+
+
+def _rescue(state: _State, runtime: Runtime, planned: list[Step]) -> None:
+    """Arm for now a refresh due at once that an exception kept from starting."""
+    for command in [command for step in planned for command in step.then]:
+        if isinstance(command, Fetch):
+            with state.lock:
+                rescue = state.machine.rescue(
+                    command.attempt, wall=runtime.time(), monotonic=runtime.monotonic()
+                )
+                state.apply(rescue)
 
 
 def _discard_unpublished(state: _State, session_id: str, made: Alarm | None) -> None:
@@ -1026,6 +1033,12 @@ _RETRY = Verdict()  # not terminal, no wait: every failure without a retry polic
 
 def _same(delay: float) -> float:
     return delay
+
+
+def _jittered(rng: random.Random, jitter: float, delay: float) -> float:
+    # Earlier, never later, and by at most half the delay, so a short
+    # delay cannot collapse into a tight loop.
+    return delay - rng.uniform(0.0, min(jitter, delay / 2))
 
 
 def _any_open() -> bool:
