@@ -55,3 +55,18 @@ def test_the_scheduler_class_is_at_most_450_lines() -> None:
     ]
     assert scheduler.end_lineno is not None
     assert scheduler.end_lineno - scheduler.lineno + 1 <= 450
+
+
+def test_the_runtime_seam_is_narrow_and_every_runtime_implements_it_all() -> None:
+    """About eight methods (two clocks, alarms, work, a watch on hung calls, close,
+    fork), the same in the thread and heap backends and on a ManualClock."""
+    from token_refresh._runtime import Runtime, ThreadRuntime
+    from token_refresh.testing import ManualRuntime
+
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    seam = public(Runtime)
+    assert len(seam) <= 9, sorted(seam)
+    for runtime in (ThreadRuntime, ManualRuntime):
+        assert public(runtime) == seam, runtime.__name__

@@ -184,6 +184,23 @@ class TestJumpsOnEveryTimer:
         clock.advance(1)
         assert recorder.gets[before:] == [due - HOUR - START]
 
+    def test_a_step_back_within_a_second_is_drift_as_on_real_clocks(
+        self, scheduler: Scheduler, clock: ManualClock, recorder: Recorder, kind: str
+    ) -> None:
+        """next_refresh_at() reads the real clocks' drift (a second or less) as no step:
+        the same answer on a ManualClock; the refresh still comes after the delay."""
+        delay = arm(kind, scheduler, recorder, clock)
+        due = clock.time() + delay
+        before = len(recorder.gets)
+        clock.step(-0.5)
+        assert scheduler.next_refresh_at("s") == due
+        clock.step(-1)
+        assert scheduler.next_refresh_at("s") == due - 1.5
+        clock.advance(delay - 1)
+        assert len(recorder.gets) == before
+        clock.advance(1)
+        assert recorder.gets[before:] == [due - 1.5 - START]
+
 
 class TestAdvanceAlwaysReturns:
     def test_a_timer_rearming_itself_for_now_raises(

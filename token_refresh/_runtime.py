@@ -33,6 +33,7 @@ from ._workers import (
 )
 
 __all__ = [
+    "JUMP",
     "Alarm",
     "HeapTimers",
     "Runtime",
@@ -51,9 +52,9 @@ _PARKED = 300.0
 _BATCH = 256
 
 # The clock watcher wakes this often (seconds), and calls a change of the wall
-# clock against the monotonic one larger than _JUMP a jump (a suspend, a step).
+# clock against the monotonic one larger than JUMP a jump (a suspend, a step).
 _WATCH_INTERVAL = 2.0
-_JUMP = 1.0
+JUMP = 1.0
 
 
 def _wall() -> float:
@@ -87,9 +88,6 @@ class Runtime(Protocol):
     def monotonic(self) -> float:
         """Monotonic time, seconds: decides when delays have run."""
 
-    def fires_at(self, due: float, deadline: float) -> float:
-        """Wall time a timer fires that is due at ``due`` (wall) or ``deadline`` (monotonic)."""
-
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
         """A new alarm that calls ``callback``; may start a thread (lock not held)."""
 
@@ -102,11 +100,13 @@ class Runtime(Protocol):
     def then(self, work: Callable[[], None]) -> None:
         """Run ``work`` once the current callback returns (at once on real threads)."""
 
-    def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
-        """Call ``callback`` on another thread after ``timeout``; None if calls cannot hang."""
+    def watch(self, timeout: float, callback: Callable[[Callable[[], bool]], None]) -> Timer | None:
+        """Call ``callback(replace)`` on another thread after ``timeout``, unless cancelled.
 
-    def abandon(self, worker: threading.Thread) -> bool:
-        """A worker's call hung: replace it, unless too many are hung already (False)."""
+        The calling worker's call hung: ``replace()`` puts a new worker in its
+        place, or returns False if too many are hung already. None if calls
+        cannot hang.
+        """
 
     def close(self) -> list[threading.Thread]:
         """Stop everything: queued work is dropped; return the threads to join."""
@@ -140,7 +140,7 @@ class _ClockWatcher:
     sleeps and ignores steps of the wall clock. Every ``_WATCH_INTERVAL``
     seconds, while any timer backend has a timer, this thread compares the
     wall clock (and ``CLOCK_BOOTTIME``, which counts a suspend) with the
-    monotonic clock; when either moved ahead by more than ``_JUMP``, it tells
+    monotonic clock; when either moved ahead by more than ``JUMP``, it tells
     every backend, which re-arms the timers whose wall due time now comes
     first. It runs no user code and holds its lock only to read its set: a
     backend may call add() and discard() under its own lock.
@@ -212,7 +212,7 @@ class _ClockWatcher:
                 # forward again within one interval) counts from what it read.
                 since, self._lowest = min(last[0], self._lowest), math.inf
             wall, boot = self._last[0] - since, self._last[1] - last[1]
-            if wall > _JUMP or boot > _JUMP:  # a step back changes nothing: deadlines hold
+            if wall > JUMP or boot > JUMP:  # a step back changes nothing: deadlines hold
                 for backend in watched:
                     backend.clock_jumped()
             del watched
@@ -807,13 +807,6 @@ class ThreadRuntime:
     def monotonic(self) -> float:
         return time.monotonic()
 
-    def fires_at(self, due: float, deadline: float) -> float:
-        # The two clocks drift apart by a little all the time (NTP slews them,
-        # time-machine freezes one): only a step back the watcher would call a
-        # jump makes the monotonic deadline come first.
-        by_deadline = _wall() + (deadline - time.monotonic())
-        return by_deadline if by_deadline < due - _JUMP else due
-
     def alarm(self, callback: Callable[[Any], None]) -> Alarm:
         return self._timers.alarm(callback)
 
@@ -826,11 +819,10 @@ class ThreadRuntime:
     def then(self, work: Callable[[], None]) -> None:
         work()
 
-    def watch(self, timeout: float, callback: Callable[[], None]) -> Timer | None:
-        return self._watchdog.watch(min(timeout, threading.TIMEOUT_MAX), callback)
-
-    def abandon(self, worker: threading.Thread) -> bool:
-        return self._workers.abandon(worker)
+    def watch(self, timeout: float, callback: Callable[[Callable[[], bool]], None]) -> Timer | None:
+        replace = functools.partial(self._workers.abandon, threading.current_thread())
+        timeout = min(timeout, threading.TIMEOUT_MAX)
+        return self._watchdog.watch(timeout, functools.partial(callback, replace))
 
     def close(self) -> list[threading.Thread]:
         return self._workers.close() + self._watchdog.stop() + self._timers.stop()

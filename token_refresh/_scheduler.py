@@ -36,7 +36,7 @@ from ._machine import (
 )
 from ._report import Reporter
 from ._retry import RetryPolicy, Verdict, checked
-from ._runtime import Alarm, Runtime, ThreadRuntime, reaper
+from ._runtime import JUMP, Alarm, Runtime, ThreadRuntime, reaper
 from ._validate import at_least, count, require_str, seconds, wait_limit
 from .testing import ManualClock, ManualRuntime
 
@@ -361,7 +361,7 @@ class _Refresher:
         """When the attempt was due, how late it starts, and what started it."""
         runtime = self._runtime
         now, early = runtime.time(), attempt.deadline - runtime.monotonic()
-        due = runtime.fires_at(attempt.due, attempt.deadline) if fired else attempt.due
+        due = _fires_at(runtime, attempt.due, attempt.deadline) if fired else attempt.due
         lateness = max(0.0, now - due)
         # Fired by wall time long before its monotonic deadline, and late: it fell
         # due while the machine slept (or the clock stepped past it).
@@ -374,14 +374,13 @@ class _Refresher:
         # Whoever acquires it first settles the attempt: this worker with a
         # result, or the watchdog with a timeout. The other does nothing.
         settled = threading.Lock()
-        worker = threading.current_thread()
         timeout = self._options.fetch_timeout
 
-        def timed_out() -> None:
+        def timed_out(replace: Callable[[], bool]) -> None:
             if not settled.acquire(blocking=False):  # pragma: no cover - a narrow race
                 return  # the call returned just before its watch was cancelled
             state.count(stuck=1, hung=session_id)
-            replaced = self._runtime.abandon(worker)  # a new worker serves the others
+            replaced = replace()  # a new worker serves the others
             # Settled here, on the watchdog's thread, so the retry is armed on
             # time even if every worker hangs; reported (user code: on_event,
             # log handlers) on a worker, so nothing can block the watchdog.
@@ -690,7 +689,8 @@ class Scheduler:
         """Wall time (Unix seconds) the session's next refresh comes; None if no timer.
 
         The earlier of its wall-clock due time and the end of its delay on the
-        monotonic clock: after a step back of the wall clock, the latter. A
+        monotonic clock: after a step back of the wall clock by more than a
+        second (less is the drift between any two real clocks), the latter. A
         time in the past (after a suspend or a step forward) means it comes now.
         """
         require_str(session_id, "session_id")
@@ -698,7 +698,7 @@ class Scheduler:
         with state.lock:
             session = state.machine.sessions.get(session_id)
             armed = None if session is None else session.armed
-        return None if armed is None else self._runtime.fires_at(armed.due, armed.deadline)
+        return None if armed is None else _fires_at(self._runtime, armed.due, armed.deadline)
 
     def sessions(self) -> frozenset[str]:
         """The sessions with a live refresh chain: a timer armed or a refresh running."""
@@ -1089,3 +1089,14 @@ def _after_fork_in_child() -> None:  # pragma: no cover - runs in children (Test
 _fork_lock = threading.Lock()
 if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which cannot fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _fires_at(runtime: Runtime, due: float, deadline: float) -> float:
+    """Wall time an alarm fires that is due at ``due`` (wall) or ``deadline`` (monotonic).
+
+    The two clocks drift apart by a little all the time (NTP slews them,
+    time-machine freezes one): only a step back that the clock watcher would
+    call a jump makes the monotonic deadline come first.
+    """
+    by_deadline = runtime.time() + (deadline - runtime.monotonic())
+    return by_deadline if by_deadline < due - JUMP else due

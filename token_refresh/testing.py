@@ -307,9 +307,6 @@ class ManualRuntime:
     def monotonic(self) -> float:
         return self._clock.monotonic()
 
-    def fires_at(self, due: float, deadline: float) -> float:
-        return min(due, self._clock.time() + (deadline - self._clock.monotonic()))
-
     def alarm(self, callback: Callable[[Any], None]) -> _ManualAlarm:
         alarm = _ManualAlarm(self._clock, callback)
         self._alarms.add(alarm)
@@ -329,11 +326,8 @@ class ManualRuntime:
     def then(self, work: Callable[[], None]) -> None:
         self._clock.run_soon(work)
 
-    def watch(self, timeout: float, callback: Callable[[], None]) -> None:
+    def watch(self, timeout: float, callback: Callable[[Callable[[], bool]], None]) -> None:
         return None  # calls run inline: nothing else runs while one hangs
-
-    def abandon(self, worker: threading.Thread) -> bool:  # pragma: no cover - never watched
-        return True
 
     def close(self) -> list[threading.Thread]:
         return []
