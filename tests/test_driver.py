@@ -295,6 +295,53 @@ class TestReaper:
         thread.join(WAIT)
         assert reaper._thread is newer
 
+    def test_a_thread_ended_by_an_error_is_replaced_at_the_next_ensure(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A bug that ends its thread is logged by type and leaves no stale place: the
+        next ensure() starts another."""
+        reaper = _Reaper()
+        calls = [0]
+
+        def live() -> bool:
+            calls[0] += 1
+            raise RuntimeError("a bug, sk-ant-si-secret")
+
+        reaper.ensure(live)
+        thread = reaper._thread
+        assert thread is not None
+        reaper.wake()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert calls[0] == 1
+        assert reaper._thread is None
+        assert "internal error in a timer or worker thread: RuntimeError" in caplog.text
+        assert "sk-ant-si-" not in caplog.text
+        reaper.ensure(lambda: False)
+        started: threading.Thread | None = reaper._thread
+        assert started is not None
+        assert started is not thread
+        reaper.wake()
+
+    def test_a_thread_the_os_refuses_is_tried_again(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """ensure() raises while the OS refuses a thread, and starts one once it allows it."""
+        reaper = _Reaper()
+
+        def refused(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", refused)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                reaper.ensure(lambda: False)
+        assert reaper._thread is None
+        reaper.ensure(lambda: False)
+        thread: threading.Thread | None = reaper._thread
+        assert thread is not None
+        assert thread.is_alive()
+        reaper.wake()
+        thread.join(WAIT)
+
 
 class TestWatcherRegistration:
     def test_an_alarm_added_while_the_last_one_ends_is_watched_again(

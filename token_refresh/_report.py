@@ -281,10 +281,10 @@ class Reporter:
     ) -> None:
         """Write an outcome's log line and send its event; never raises."""
         line = OUTCOMES[outcome]
-        if line.message is not None:
+        if line.message is not None and _log.isEnabledFor(line.level):
             self._write(line.level, line.message, session_id, fields)
-        if line.event is None or not self.listening():
-            return
+        if line.event is None or (self.on_event is None and not self.observers):
+            return  # nothing listens (see listening): no event is built
         try:
             values = {name: fields[name] for name in line.fields if name in fields}
             event = line.event(session_id=session_id, label=self.label, time=self._now(), **values)

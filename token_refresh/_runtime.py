@@ -865,12 +865,15 @@ class _Reaper:
         """Have the thread running (a scheduler made its first timer, on the caller's thread)."""
         if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
             self.after_fork()
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            return
+        if self._thread is not None:
+            return  # running: it clears this before it ends, whatever ends it
         self._thread = thread = OurThread(self._run, "token-refresh-reaper", args=(live,))
         seen = self._parking.count
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:  # the OS refused it: the next call tries again
+            self._thread = None
+            raise
         # Returns once it is parked (see Parking), bounded: a signal handler may
         # have interrupted this very thread in here.
         if self._lock.acquire(timeout=PARK_WAIT):  # pragma: no branch - held a whole second
@@ -880,6 +883,15 @@ class _Reaper:
                 self._lock.release()
 
     def _run(self, live: Callable[[], bool]) -> None:
+        try:
+            self._serve(live)
+        except BaseException as error:  # a bug of ours: logged by type
+            _internal_error(error)
+        finally:  # however it ends, the next ensure() starts another
+            if self._thread is threading.current_thread():
+                self._thread = None
+
+    def _serve(self, live: Callable[[], bool]) -> None:
         me = threading.current_thread()
         while True:
             with self._lock:

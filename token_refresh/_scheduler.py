@@ -189,6 +189,8 @@ class _State:
         deadlocks. Returns False if one still runs.
         """
         deliveries = self.machine.deliveries
+        if not deliveries:
+            return True  # none runs (most calls): nothing to build
         running = {
             session_id: delivery
             for session_id in session_ids
