@@ -281,7 +281,7 @@ class Reporter:
     ) -> None:
         """Write an outcome's log line and send its event; never raises."""
         line = OUTCOMES[outcome]
-        if line.message is not None and _log.isEnabledFor(line.level):
+        if line.message is not None:
             self._write(line.level, line.message, session_id, fields)
         if line.event is None or (self.on_event is None and not self.observers):
             return  # nothing listens (see listening): no event is built
