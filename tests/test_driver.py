@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from token_refresh import Scheduler, events
+from token_refresh import Scheduler, _runtime, events
 from token_refresh._machine import Machine
 from token_refresh._report import Reporter
 from token_refresh._runtime import HeapTimers, ThreadTimers, _Reaper, _watcher, reaper
+from token_refresh._workers import OurThread
 from token_refresh.testing import ManualClock, ManualRuntime
 
 from conftest import START, Recorder, make_jwt
@@ -298,8 +299,7 @@ class TestReaper:
     def test_a_thread_ended_by_an_error_is_replaced_at_the_next_ensure(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """A bug that ends its thread is logged by type and leaves no stale place: the
-        next ensure() starts another."""
+        """A bug that ends its thread is logged by type; the next ensure() starts another."""
         reaper = _Reaper()
         calls = [0]
 
@@ -314,14 +314,15 @@ class TestReaper:
         thread.join(WAIT)
         assert not thread.is_alive()
         assert calls[0] == 1
-        assert reaper._thread is None
         assert "internal error in a timer or worker thread: RuntimeError" in caplog.text
         assert "sk-ant-si-" not in caplog.text
         reaper.ensure(lambda: False)
         started: threading.Thread | None = reaper._thread
         assert started is not None
         assert started is not thread
+        assert started.is_alive()
         reaper.wake()
+        started.join(WAIT)
 
     def test_a_thread_the_os_refuses_is_tried_again(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """ensure() raises while the OS refuses a thread, and starts one once it allows it."""
@@ -334,13 +335,115 @@ class TestReaper:
             patch.setattr(threading.Thread, "start", refused)
             with pytest.raises(RuntimeError, match="can't start new thread"):
                 reaper.ensure(lambda: False)
-        assert reaper._thread is None
         reaper.ensure(lambda: False)
         thread: threading.Thread | None = reaper._thread
         assert thread is not None
         assert thread.is_alive()
         reaper.wake()
         thread.join(WAIT)
+
+    def test_a_start_interrupted_after_the_thread_began_keeps_that_thread(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A signal handler raising inside Thread.start() (the OS had started the thread):
+        the next ensure() sees it running and starts no second one, which nothing would
+        ever wake to end."""
+        reaper = _Reaper()
+        started: list[threading.Thread] = []
+
+        class Interrupted(OurThread):
+            def start(self) -> None:
+                super().start()
+                started.append(self)
+                if len(started) == 1:
+                    raise KeyboardInterrupt
+
+        open_ = [True]
+        monkeypatch.setattr(_runtime, "OurThread", Interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            reaper.ensure(lambda: open_[0])
+        reaper.ensure(lambda: open_[0])
+        assert len(started) == 1
+        assert reaper._thread is started[0]
+        open_[0] = False
+        reaper.wake()
+        started[0].join(WAIT)
+        assert not started[0].is_alive()
+
+    def test_a_thread_started_during_the_last_look_leaves_the_queue_to_it(self) -> None:
+        """A scheduler made while the thread takes its last look before ending starts a
+        second thread; the first ends, so one is left, and it ends with the last scheduler."""
+        reaper = _Reaper()
+        open_ = [True]
+        at_last_look, go_on = threading.Event(), threading.Event()
+        first: list[threading.Thread] = []
+
+        def live() -> bool:
+            ours = threading.current_thread() in first and not at_last_look.is_set()
+            if ours and not open_[0] and reaper._thread is None:  # the place cleared: last look
+                at_last_look.set()
+                assert go_on.wait(WAIT)
+                return True  # the scheduler made meanwhile is open
+            return open_[0]
+
+        reaper.ensure(live)
+        assert reaper._thread is not None
+        first.append(reaper._thread)
+        open_[0] = False
+        reaper.wake()
+        assert at_last_look.wait(WAIT)
+        open_[0] = True
+        reaper.ensure(live)  # the place is free: a second thread
+        second = reaper._thread
+        assert second is not None
+        assert second is not first[0]
+        go_on.set()
+        first[0].join(WAIT)
+        assert not first[0].is_alive()
+        assert reaper._thread is second
+        open_[0] = False
+        reaper.wake()
+        second.join(WAIT)
+        assert not second.is_alive()
+
+    def test_a_close_left_to_it_runs_though_the_last_other_scheduler_closes_meanwhile(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """close() from a signal handler that interrupted the scheduler's own lock hands
+        the work over while the scheduler still counts as open: the thread cannot end
+        between the two, even when another scheduler's close() wakes it right then."""
+        a = Scheduler(lambda: "t", lambda s, t: None, label="left-a")
+        b = Scheduler(lambda: "t", lambda s, t: None, label="left-b")
+        a.schedule_from_expires_in("s", 3600)
+        b.schedule_from_expires_in("s", 3600)
+        thread = reaper._thread
+        assert thread is not None
+        shut = threading.Event()
+
+        def shut_and_say() -> None:
+            Scheduler._shut(a)
+            shut.set()
+
+        monkeypatch.setattr(a, "_shut", shut_and_say)
+        handed = reaper.later
+
+        def later_after_a_switch(work: Any) -> None:
+            if work is shut_and_say:
+                b.close(WAIT)  # another thread closes the last other scheduler...
+                thread.join(1.0)  # ...and the reaper's thread ends, if it may
+            handed(work)
+
+        monkeypatch.setattr(reaper, "later", later_after_a_switch)
+        try:
+            with a._lock:  # the frame the signal handler interrupted holds it
+                assert a.close(timeout=0.1) is False
+            monkeypatch.setattr(reaper, "later", handed)
+            assert shut.wait(WAIT), "close() left to the reaper never ran"
+            assert a.sessions() == frozenset()
+        finally:  # on failure, a new scheduler's thread runs what was left
+            other = Scheduler(lambda: "t", lambda s, t: None, label="left-c")
+            other.schedule_from_expires_in("s", 3600)
+            other.close(WAIT)
 
 
 class TestWatcherRegistration:

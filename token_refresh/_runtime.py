@@ -865,15 +865,14 @@ class _Reaper:
         """Have the thread running (a scheduler made its first timer, on the caller's thread)."""
         if self._pid != os.getpid():  # pragma: no cover - a child forked without the hooks
             self.after_fork()
-        if self._thread is not None:
-            return  # running: it clears this before it ends, whatever ends it
+        thread = self._thread
+        # Asked, not assumed: a thread the OS refused, or that an error ended, or
+        # whose start() a signal handler interrupted (it may run all the same).
+        if thread is not None and thread.is_alive():
+            return
         self._thread = thread = OurThread(self._run, "token-refresh-reaper", args=(live,))
         seen = self._parking.count
-        try:
-            thread.start()
-        except BaseException:  # the OS refused it: the next call tries again
-            self._thread = None
-            raise
+        thread.start()
         # Returns once it is parked (see Parking), bounded: a signal handler may
         # have interrupted this very thread in here.
         if self._lock.acquire(timeout=PARK_WAIT):  # pragma: no branch - held a whole second
@@ -885,11 +884,8 @@ class _Reaper:
     def _run(self, live: Callable[[], bool]) -> None:
         try:
             self._serve(live)
-        except BaseException as error:  # a bug of ours: logged by type
+        except BaseException as error:  # a bug of ours: logged by type (ensure() starts another)
             _internal_error(error)
-        finally:  # however it ends, the next ensure() starts another
-            if self._thread is threading.current_thread():
-                self._thread = None
 
     def _serve(self, live: Callable[[], bool]) -> None:
         me = threading.current_thread()
@@ -911,8 +907,9 @@ class _Reaper:
                 self._thread = None
             if not live() and self._queue.empty():
                 return
-            if self._thread is None:
-                self._thread = me
+            if self._thread is not None:
+                return  # a scheduler made meanwhile started another: it serves the queue
+            self._thread = me
 
 
 reaper = _Reaper()

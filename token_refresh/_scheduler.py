@@ -879,8 +879,10 @@ class Scheduler:
         state = self._current()
         deadline = _deadline(limit)
         if not state.free_by(deadline, self._threaded):
+            # Interrupted inside our own lock: not here. Handed over while this
+            # scheduler is still open, so the reaper's thread is still running.
+            reaper.later(self._shut)
             self._closed = True
-            reaper.later(self._shut)  # interrupted inside our own lock: not here
             return False
         with state.lock:
             steps = self._close_steps(state)
