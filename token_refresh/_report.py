@@ -283,8 +283,8 @@ class Reporter:
         line = OUTCOMES[outcome]
         if line.message is not None:
             self._write(line.level, line.message, session_id, fields)
-        if line.event is None or (self.on_event is None and not self.observers):
-            return  # nothing listens (see listening): no event is built
+        if line.event is None or not self.listening():
+            return
         try:
             values = {name: fields[name] for name in line.fields if name in fields}
             event = line.event(session_id=session_id, label=self.label, time=self._now(), **values)

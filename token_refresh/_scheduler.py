@@ -363,7 +363,7 @@ class _Refresher:
         """When the attempt was due, how late it starts, and what started it."""
         runtime = self._runtime
         now, early = runtime.time(), attempt.deadline - runtime.monotonic()
-        due = _fires_at(runtime, attempt.due, attempt.deadline) if fired else attempt.due
+        due = _wall_fires_at(runtime, attempt.due, attempt.deadline) if fired else attempt.due
         lateness = max(0.0, now - due)
         # Fired by wall time long before its monotonic deadline, and late: it fell
         # due while the machine slept (or the clock stepped past it).
@@ -700,7 +700,7 @@ class Scheduler:
         with state.lock:
             session = state.machine.sessions.get(session_id)
             armed = None if session is None else session.armed
-        return None if armed is None else _fires_at(self._runtime, armed.due, armed.deadline)
+        return None if armed is None else _wall_fires_at(self._runtime, armed.due, armed.deadline)
 
     def sessions(self) -> frozenset[str]:
         """The sessions with a live refresh chain: a timer armed or a refresh running."""
@@ -1095,7 +1095,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _fires_at(runtime: Runtime, due: float, deadline: float) -> float:
+def _wall_fires_at(runtime: Runtime, due: float, deadline: float) -> float:
     """Wall time an alarm fires that is due at ``due`` (wall) or ``deadline`` (monotonic).
 
     The two clocks drift apart by a little all the time (NTP slews them,
